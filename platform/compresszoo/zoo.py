@@ -1,4 +1,8 @@
-"""Zoo functions named like CompressAI's: bmshj2018_factorized(quality, metric, pretrained)."""
+"""Zoo functions named like CompressAI's: bmshj2018_factorized(quality, metric, pretrained).
+
+pretrained=True loads the `champion` version of `<arch>-<metric>-q<quality>` from the MLflow
+registry at MLFLOW_TRACKING_URI (default ./mlflow.db), verified and cached locally.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from .models.registry import CompressionModel, create_model
 
 def _zoo(name: str, quality: int, metric: str, pretrained: bool, **kwargs) -> CompressionModel:
     if pretrained:
-        raise NotImplementedError(
-            f"pretrained {name} q{quality} ({metric}): downloading from the MLflow registry is not "
-            "available yet; use pretrained=False and load a local checkpoint"
-        )
+        from .models.registry import model_spec
+        from .registry_client import load_registered
+
+        spec = model_spec(name, quality, metric, N=kwargs.get("N"), M=kwargs.get("M"))
+        return load_registered(f"{spec.registry_name}@{kwargs.get('alias', 'champion')}",
+                               kwargs.get("tracking_uri"))
     return create_model(name, quality=quality, metric=metric, **kwargs)
 
 

@@ -72,9 +72,14 @@ class FactorizedPrior(CompressionModel):
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_lik}}
 
     @torch.no_grad()
-    def compress(self, x: Tensor) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False) -> dict:
+        """{"strings": [y streams], "shape": y size}; return_latents adds the encoder's y_hat."""
         y = self.g_a(x)
-        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
+        out = {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
+        if return_latents:
+            out["y_hat"] = self.entropy_bottleneck.quantize(
+                y, "dequantize", self.entropy_bottleneck._medians_like(y.size(0), 2))
+        return out
 
     @torch.no_grad()
     def decompress(self, strings, shape) -> dict:
@@ -119,13 +124,17 @@ class ScaleHyperprior(CompressionModel):
         return z_strings, z_hat
 
     @torch.no_grad()
-    def compress(self, x: Tensor) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False) -> dict:
+        """{"strings": [y streams, z streams], "shape": z size}; optionally the encoder's y_hat."""
         y = self.g_a(x)
         z_strings, z_hat = self._code_z(y)
         scales, means = self._gaussian_params(z_hat)
         indexes = self.gaussian_conditional.build_indexes(scales)
         y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
-        return {"strings": [y_strings, z_strings], "shape": z_hat.shape[-2:]}
+        out = {"strings": [y_strings, z_strings], "shape": z_hat.shape[-2:]}
+        if return_latents:
+            out["y_hat"] = self.gaussian_conditional.quantize(y, "dequantize", means)
+        return out
 
     @torch.no_grad()
     def decompress(self, strings, shape) -> dict:
@@ -184,12 +193,15 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_lik, "z": z_lik}}
 
     @torch.no_grad()
-    def compress(self, x: Tensor) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False) -> dict:
         y = self.g_a(x)
         z_strings, z_hat = self._code_z(y)
         params = self.h_s(z_hat)
-        y_strings = [self._wavefront(params[i:i + 1], y=y[i:i + 1])[0] for i in range(y.size(0))]
-        return {"strings": [y_strings, z_strings], "shape": z_hat.shape[-2:]}
+        coded = [self._wavefront(params[i:i + 1], y=y[i:i + 1]) for i in range(y.size(0))]
+        out = {"strings": [[c[0] for c in coded], z_strings], "shape": z_hat.shape[-2:]}
+        if return_latents:
+            out["y_hat"] = torch.cat([c[1] for c in coded])
+        return out
 
     @torch.no_grad()
     def decompress(self, strings, shape) -> dict:

@@ -1,0 +1,41 @@
+# One entry point for setup and tests. `make test` works on a fresh machine:
+# it creates .venv, installs (once; reinstalls only when the install inputs change),
+# builds the Cython codec, runs ruff and pytest.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.compresszoo-installed
+EXT_STAMP := $(VENV)/.compresszoo-ext-built
+PYX := $(wildcard platform/compresszoo/codec/*.pyx)
+
+.PHONY: install build test lint demo bench clean
+
+install: $(STAMP)
+
+# torch/torchvision come from this machine's disk (pip finds them there); compressai is
+# the test oracle, installed with --no-deps because its numpy<2 pin is not needed.
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q setuptools wheel "cython>=3.0" "numpy>=1.26"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-deps compressai==1.2.8 pytorch-msssim torch-geometric
+	touch $(STAMP)
+
+$(EXT_STAMP): $(STAMP) $(PYX) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $(EXT_STAMP)
+
+build: $(EXT_STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform pipelines benchmarks tests
+
+test: build lint
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) pipelines/train_zoo.py --preset smoke
+
+clean:
+	rm -rf build platform/compresszoo/codec/*.so platform/compresszoo/codec/_rans.c $(EXT_STAMP)

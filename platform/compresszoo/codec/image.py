@@ -1,0 +1,91 @@
+"""Images <-> .czoo bytes with a zoo model: padding, batching, model identity checks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.io import weights_id
+from ..models.registry import spec_of
+from .container import ContainerError, Header, pack, unpack
+
+PAD_MULTIPLE = 64
+
+
+def _as_batch(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a float tensor in [0, 1], got {type(image).__name__}")
+    if image.dim() == 3:
+        image, batched = image[None], False
+    elif image.dim() == 4:
+        batched = True
+    else:
+        raise ValueError(f"image must have shape (3, H, W) or (N, 3, H, W), got {tuple(image.shape)}")
+    if image.shape[1] != 3:
+        raise ValueError(f"image must have 3 (RGB) channels, got {image.shape[1]}; convert it to RGB first")
+    if not image.is_floating_point():
+        raise ValueError(f"image must be float in [0, 1], got {image.dtype}; divide uint8 images by 255")
+    return image.float(), batched
+
+
+def pad(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Replicate-pad right/bottom to a multiple of the model's total stride."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def encode_image(model, image: torch.Tensor) -> bytes:
+    """Compress an image (3, H, W) or batch (N, 3, H, W) in [0, 1] to container bytes."""
+    return encode_with_latents(model, image)[0]
+
+
+def encode_with_latents(model, image: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """Container bytes plus the encoder-side quantized latents (for exactness checks)."""
+    x, batched = _as_batch(image)
+    # One image at a time: an image's bytes must not depend on what it was batched with.
+    parts = [model.compress(pad(x[i:i + 1]), return_latents=True) for i in range(x.shape[0])]
+    out = {"strings": [[s for p in parts for s in p["strings"][j]] for j in range(len(parts[0]["strings"]))],
+           "shape": parts[0]["shape"]}
+    return _pack(model, x, batched, out), torch.cat([p["y_hat"] for p in parts])
+
+
+def _pack(model, x: torch.Tensor, batched: bool, out: dict) -> bytes:
+    spec = spec_of(model)
+    streams = [[out["strings"][j][i] for j in range(len(out["strings"]))] for i in range(x.shape[0])]
+    header = Header(spec.architecture, spec.metric, spec.quality, spec.N, spec.M, weights_id(model),
+                    int(x.shape[-2]), int(x.shape[-1]), batched, [int(s) for s in out["shape"]],
+                    [[len(s) for s in img] for img in streams])
+    return pack(header, streams)
+
+
+def check_model(header: Header, model) -> None:
+    spec = spec_of(model)
+    mine = Header(spec.architecture, spec.metric, spec.quality, spec.N, spec.M, weights_id(model),
+                  1, 1, False, [], [])
+    if mine.model_text() != header.model_text():
+        raise ContainerError(f"this file was encoded with {header.model_text()}, "
+                             f"but the decoder was given {mine.model_text()}; decode with the same model")
+
+
+def decode_streams(data: bytes, model) -> tuple[Header, dict]:
+    header, streams = unpack(data)
+    check_model(header, model)
+    expected = [-(-n // PAD_MULTIPLE) * PAD_MULTIPLE // model.downsampling_factor
+                for n in (header.height, header.width)]
+    if list(header.latent_shape) != expected or not streams or any(len(s) != len(streams[0]) for s in streams):
+        raise ContainerError(f"corrupted file: latent shape {header.latent_shape} does not match "
+                             f"a {header.height}x{header.width} image (expected {expected})")
+    strings = [[img[j] for img in streams] for j in range(len(streams[0]))] if streams else []
+    try:
+        out = model.decompress(strings, torch.Size(header.latent_shape))
+    except ValueError as e:
+        raise ContainerError(f"corrupted file: the streams do not decode ({e})") from None
+    return header, out
+
+
+def decode_image(data: bytes, model) -> torch.Tensor:
+    """Container bytes -> image (3, H, W) or batch (N, 3, H, W), as encoded."""
+    header, out = decode_streams(data, model)
+    x_hat = out["x_hat"][..., : header.height, : header.width]
+    return x_hat if header.batched else x_hat[0]

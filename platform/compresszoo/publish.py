@@ -1,0 +1,87 @@
+"""After training: update() the tables, run the bitrate gate, register the model if it passes.
+
+The gate's report goes to the MLflow run either way, so a rejected model says why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .codec.gate import GateThresholds, validate_bitrate
+from .config import TrainConfig
+from .data.manifest import Manifest, manifest_uri
+from .models.io import load_weights
+from .tracking import MlflowLogger
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def manifest_sha(data_uri: str) -> str:
+    """Identity of the dataset: the sha256 of its manifest's bytes."""
+    import hashlib
+
+    from . import storage
+
+    return hashlib.sha256(storage.read_bytes(manifest_uri(Manifest.load(data_uri).root))).hexdigest()[:16]
+
+
+def held_out_images(cfg: TrainConfig) -> list:
+    """The gate's images: center crops of the test split (never trained on)."""
+    from .data.reader import validation_batches
+
+    Manifest.load(cfg.data)  # a clear error if the manifest is gone
+    images = []
+    for batch in validation_batches(cfg.data, crop=cfg.val_crop, batch_size=4, limit=cfg.gate_images,
+                                    task_cpus=cfg.data_cpus):
+        images.extend(batch)
+    return images
+
+
+def gate_and_register(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps: int,
+                      val_loss: float) -> dict:
+    """Returns a summary row: gate verdict, bitrates, PSNR and the registry version (or None)."""
+    from . import registry_client
+
+    model = load_weights(Path(checkpoint_dir) / WEIGHTS_FILE)
+    model.update(force=True)
+    thresholds = GateThresholds(max_relative_gap=cfg.gate_max_gap, min_side=cfg.gate_min_side)
+    report = validate_bitrate(model, held_out_images(cfg), thresholds)
+    overall = report["overall"]
+    logger = MlflowLogger(cfg.tracking_uri, run_id)
+    logger.log_dict(report, "bitrate_report.json")
+    logger.log_metrics({f"gate_{k}": v for k, v in overall.items() if isinstance(v, (int, float))}, steps)
+    logger.set_tags({"gate.passed": report["passed"], "gate.reason": report["reason"]})
+    spec = cfg.spec()
+    row = {"architecture": spec.architecture, "quality": spec.quality, "lambda": spec.lmbda,
+           "N": spec.N, "M": spec.M, "steps": steps, "estimated_bpp": overall["estimated_bpp"],
+           "real_bpp": overall["real_bpp"], "psnr": overall["psnr"], "gate": report["passed"],
+           "reason": report["reason"], "name": spec.registry_name, "version": None}
+    if report["passed"]:
+        rd_point = {"bpp": overall["real_bpp"], "payload_bpp": overall["payload_bpp"],
+                    "psnr": overall["psnr"], "ms_ssim": overall["ms_ssim"], "val_loss": val_loss}
+        version, champion = registry_client.register(
+            model, name=spec.registry_name, run_id=run_id, config=cfg.to_dict(), report=report,
+            rd_point=rd_point, val_loss=val_loss, tracking_uri=cfg.tracking_uri,
+            tags={"config_hash": cfg.config_hash(), "manifest_sha": manifest_sha(cfg.data),
+                  "run_name": cfg.run_name(), "steps": steps})
+        row.update(version=version, champion=champion)
+        logger.set_tags({"registry.name": spec.registry_name, "registry.version": version})
+    logger.close()
+    return row
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = "| arch | q | lambda | N,M | steps | est. bpp | real bpp | PSNR | gate | version |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        gate = "pass" if r.get("gate") else f"FAIL: {r.get('reason', '')}"
+        lines.append(f"| {r['architecture']} | {r['quality']} | {r['lambda']:g} | {r['N']},{r['M']} | "
+                     f"{r.get('steps', '-')} | {fmt(r.get('estimated_bpp'), '.4f')} | {fmt(r.get('real_bpp'), '.4f')} | "
+                     f"{fmt(r.get('psnr'), '.2f')} | {gate} | {r.get('version') or '-'} |")
+    return "\n".join(lines)
+
+
+def dump(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2, default=str)

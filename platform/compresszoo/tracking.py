@@ -1,0 +1,125 @@
+"""MLflow tracking: one run per deterministic run name, resumed instead of duplicated.
+
+Only rank 0 gets a real logger; other ranks get NullLogger, so call sites never test rank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+RUN_KEY_TAG = "compresszoo.run_key"
+
+
+class NullLogger:
+    """What non-zero ranks get: every call does nothing."""
+
+    run_id = None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_dict(self, obj: dict, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if not tracking_uri:
+        raise ValueError("tracking_uri is empty; set MLFLOW_TRACKING_URI or pass it explicitly")
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # noqa: BLE001 - a concurrent creator won the race
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, tags: dict | None = None) -> str:
+    """The MLflow run for `run_key`: the existing one (resumed) or a new one."""
+    client = _client(tracking_uri)
+    exp_id = experiment_id(client, experiment, os.environ.get("COMPRESSZOO_MLFLOW_ARTIFACTS") or None)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_key, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+    return run.info.run_id
+
+
+class MlflowLogger:
+    """Logs to one MLflow run by id through the client API (no global active-run state)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = _client(tracking_uri)
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_logger(rank: int, tracking_uri: str, run_id: str | None):
+    return MlflowLogger(tracking_uri, run_id) if rank == 0 and run_id else NullLogger()
+
+
+def provenance_tags() -> dict:
+    """Versions of the stack and the git commit, as tags."""
+    import mlflow
+    import ray
+    import torch
+
+    from . import __version__
+
+    return {
+        "compresszoo.version": __version__, "torch.version": torch.__version__,
+        "ray.version": ray.__version__, "mlflow.version": mlflow.__version__,
+    }
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    repo = Path(repo or Path(__file__).resolve().parents[2])
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if out.returncode != 0:
+        return ""
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,321 @@
+"""Distributed training of one zoo model on Ray Train, and the driver around it.
+
+Per worker: train() -> train_step() -> forward_backward(), with a small explicit state
+(step, epoch, data positions, RNG, best validation loss). The driver (fit) builds the
+TorchTrainer with a deterministic run name under `storage`, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .models.loss import RateDistortionLoss
+from .models.registry import build
+
+STATE_FILE, OPTIM_FILE, WEIGHTS_FILE = "state.json", "optim.pt", "model.safetensors"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_val_loss: float = math.inf
+    val_loss: float = math.inf
+    data_positions: list = field(default_factory=list)
+    rng: list = field(default_factory=list)  # per-rank torch RNG states (as lists of ints)
+    py_rng: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ worker side
+
+
+class Trainer:
+    """Everything one worker holds; train() is the loop."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, run_id: str | None):
+        from .tracking import make_logger
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        spec = cfg.spec()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build(spec).to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = RateDistortionLoss(spec.lmbda, spec.metric)
+        self.optimizer = torch.optim.Adam(self.model.main_parameters(), lr=cfg.lr)
+        self.aux_optimizer = torch.optim.Adam(self.model.aux_parameters(), lr=cfg.aux_lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr)
+        self.state = TrainState()
+        self.logger = make_logger(rank, cfg.tracking_uri, run_id)
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank noise from here on
+        random.seed(cfg.seed * 1_000_003 + rank)
+
+    # -- checkpoints -----------------------------------------------------------------
+    def load(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        self.model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(self.device)), strict=True)
+        optim = torch.load(d / OPTIM_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optim["optimizer"])
+        self.aux_optimizer.load_state_dict(optim["aux_optimizer"])
+        self.scheduler.load_state_dict(optim["scheduler"])
+        self.state = TrainState(**json.loads((d / STATE_FILE).read_text()))
+        if len(self.state.rng) == self.world:
+            torch.set_rng_state(torch.tensor(self.state.rng[self.rank], dtype=torch.uint8))
+            random.setstate(_to_tuple(self.state.py_rng[self.rank]))
+
+    def save(self, directory: str) -> None:
+        from .models.io import save_weights
+
+        d = Path(directory)
+        save_weights(self.model, d / WEIGHTS_FILE, extra={"step": self.state.step})
+        torch.save({"optimizer": self.optimizer.state_dict(),
+                    "aux_optimizer": self.aux_optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, d / OPTIM_FILE)
+        (d / STATE_FILE).write_text(json.dumps(self.state.__dict__))
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(self, stream) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        net = self._parallel()
+        t_last, images_since = time.perf_counter(), 0
+        while self.state.step < cfg.max_steps:
+            for batch in stream.epoch_batches():
+                metrics = self.train_step(net, batch.to(self.device, non_blocking=True))
+                self.state.step += 1
+                images_since += batch.shape[0] * self.world
+                step = self.state.step
+                if step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    metrics["images_per_second"] = images_since / max(now - t_last, 1e-9)
+                    metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+                    t_last, images_since = now, 0
+                    self.logger.log_metrics(metrics, step)
+                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                    self.validate()
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    self.checkpoint(stream, ray.train, metrics)
+                _maybe_inject_fault(step, self.rank)
+                if step >= cfg.max_steps:
+                    break
+            else:
+                continue
+            break
+        self.logger.log_metrics({f"data_{k}": v for k, v in stream.stats().items()
+                                 if isinstance(v, (int, float))}, self.state.step)
+
+    def train_step(self, net, x: torch.Tensor) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.aux_optimizer.zero_grad(set_to_none=True)
+        out = self.forward_backward(net, x)
+        torch.nn.utils.clip_grad_norm_(self.model.main_parameters(), self.cfg.clip_max_norm)
+        self.optimizer.step()
+        aux = self.model.aux_loss()  # data-free: identical on every rank, no all-reduce needed
+        aux.backward()
+        self.aux_optimizer.step()
+        return {"loss": out["loss"].item(), "bpp": out["bpp_loss"].item(),
+                "mse": out["mse_loss"].item(), "psnr": _psnr(out["mse_loss"].item()),
+                "aux_loss": aux.item()}
+
+    def forward_backward(self, net, x: torch.Tensor) -> dict:
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            output = net(x)
+        output["x_hat"] = output["x_hat"].float()
+        output["likelihoods"] = {k: v.float() for k, v in output["likelihoods"].items()}
+        losses = self.criterion(output, x)
+        losses["loss"].backward()
+        return losses
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        from .data.reader import validation_batches
+
+        self.model.eval()
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, bpp, mse, n
+        for x in validation_batches(self.cfg.data, crop=self.cfg.val_crop, batch_size=4, rank=self.rank,
+                                    world_size=self.world, limit=self.cfg.val_images,
+                                    task_cpus=self.cfg.data_cpus):
+            x = x.to(self.device)
+            out = self.criterion(self.model(x), x)
+            n = x.shape[0]
+            total += torch.tensor([out["loss"].item() * n, out["bpp_loss"].item() * n,
+                                   out["mse_loss"].item() * n, n], dtype=torch.float64, device=self.device)
+        self.model.train()
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+        n = max(total[3].item(), 1.0)
+        val = total[0].item() / n
+        self.scheduler.step(val)
+        self.state.val_loss = val
+        self.state.best_val_loss = min(self.state.best_val_loss, val)
+        self.logger.log_metrics({"val_loss": val, "val_bpp": total[1].item() / n,
+                                 "val_mse": total[2].item() / n, "val_psnr": _psnr(total[2].item() / n),
+                                 "lr": self.optimizer.param_groups[0]["lr"]}, self.state.step)
+        return val
+
+    def checkpoint(self, stream, train_api, metrics: dict) -> None:
+        self.state.data_positions = _gather(stream.position(), self.world)
+        self.state.rng = _gather(torch.get_rng_state().tolist(), self.world)
+        self.state.py_rng = _gather(_to_list(random.getstate()), self.world)
+        report = {"step": self.state.step, "val_loss": self.state.val_loss, **metrics}
+        if self.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save(tmp)
+                train_api.report(report, checkpoint=train_api.Checkpoint.from_directory(tmp))
+        else:
+            train_api.report(report, checkpoint=None)
+
+    def _parallel(self):
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # The quantiles are trained by the aux loss alone, outside DDP's forward/backward:
+        # DDP must not wait for their gradients. Every rank computes the same aux gradient.
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            self.model, [n for n, _ in self.model.named_parameters() if n.endswith("quantiles")])
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(self.model, device_ids=ids, broadcast_buffers=False)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The function Ray Train runs on every worker."""
+    import ray.train
+    import ray.train.torch
+
+    from .data.reader import TrainStream
+
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if os.environ.get("COMPRESSZOO_PID_DIR"):
+        Path(os.environ["COMPRESSZOO_PID_DIR"], f"rank{rank}.pid").write_text(str(os.getpid()))
+    trainer = Trainer(cfg, rank, world, device, config.get("mlflow_run_id"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            trainer.load(d)
+    positions = trainer.state.data_positions or None
+    stream = TrainStream(cfg.data, rank=rank, world_size=world, batch_size=cfg.batch_size // world,
+                         crop=cfg.crop, seed=cfg.seed, position=positions,
+                         shuffle_buffer=cfg.shuffle_buffer, task_cpus=cfg.data_cpus)
+    if rank == 0 and trainer.state.step == 0:
+        trainer.logger.log_params(cfg.to_dict())
+    trainer.train(stream)
+
+
+# ------------------------------------------------------------------ driver side
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig
+    run_name: str
+    mlflow_run_id: str
+    checkpoint_dir: str  # a local copy of the final checkpoint
+    steps: int
+    val_loss: float
+
+
+def storage_for(uri: str):
+    """(storage_path, storage_filesystem) for Ray's RunConfig from a local path or s3:// URI."""
+    from . import storage
+
+    if storage.is_remote(uri):
+        fs, path = storage.resolve(uri)
+        return path, fs
+    return os.path.abspath(uri), None
+
+
+def fit(cfg: TrainConfig) -> FitResult:
+    """Train one model (resuming its run if it exists) and return its final checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .tracking import find_or_create_run, provenance_tags
+
+    cfg = cfg.resolved()
+    if not ray.is_initialized():
+        ray.init()
+    name = cfg.run_name()
+    run_id = find_or_create_run(cfg.tracking_uri, cfg.experiment, name,
+                                {**provenance_tags(), "git_commit": cfg.git_commit,
+                                 "compresszoo.config_hash": cfg.config_hash()})
+    path, fs = storage_for(cfg.storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "mlflow_run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} finished without a checkpoint; see the Ray logs under {cfg.storage}")
+    local = tempfile.mkdtemp(prefix="compresszoo-ckpt-")
+    result.checkpoint.to_directory(local)
+    state = json.loads(Path(local, STATE_FILE).read_text())
+    return FitResult(cfg, name, run_id, local, state["step"], state["best_val_loss"])
+
+
+def _forwarded_env() -> dict:
+    """Settings workers need (S3 endpoint, test hooks); values never logged."""
+    keys = ("AWS_ENDPOINT_URL", "COMPRESSZOO_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL",
+            "COMPRESSZOO_PID_DIR", "COMPRESSZOO_FAULT_AT_STEP", "COMPRESSZOO_FAULT_MARKER")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker once at a given step (a real process death)."""
+    at, marker = os.environ.get("COMPRESSZOO_FAULT_AT_STEP"), os.environ.get("COMPRESSZOO_FAULT_MARKER")
+    if at and marker and rank == 0 and step == int(at) and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), 9)
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _psnr(mse: float) -> float:
+    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def _to_list(obj):
+    return [_to_list(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _to_tuple(obj):
+    return tuple(_to_tuple(o) for o in obj) if isinstance(obj, list) else obj

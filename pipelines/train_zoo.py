@@ -105,7 +105,7 @@ def run_one(cfg: TrainConfig) -> dict:
     if existing is not None:
         print(f"[train_zoo] {spec.registry_name}: already registered as version {existing.version} "
               "for this config and dataset; skipping", flush=True)
-        return {**row, "gate": True, "reason": "already registered", "version": existing.version,
+        return {**row, "gate": True, "reason": "already registered", "version": str(existing.version),
                 "steps": existing.tags.get("steps")}
     print(f"[train_zoo] {cfg.run_name()}: training {cfg.max_steps} steps on {cfg.workers} worker(s)", flush=True)
     result = fit(cfg)

@@ -145,14 +145,18 @@ def test_bad_requests_name_the_valid_choices(bad, match):
         create_model(**bad)
 
 
-def test_zoo_functions_build_the_right_model_and_refuse_pretrained_for_now():
+def test_zoo_functions_build_the_right_model(tmp_path, monkeypatch):
     m = zoo.mbt2018_mean(quality=5)
     assert type(m).__name__ == "MeanScaleHyperprior" and (m.N, m.M) == (192, 320)
     assert m.meta["quality"] == 5 and m.meta["lmbda"] == pytest.approx(0.025)
     assert type(zoo.bmshj2018_factorized(1)).__name__ == "FactorizedPrior"
     assert type(zoo.bmshj2018_hyperprior(8, metric="ms-ssim")).__name__ == "ScaleHyperprior"
     assert type(zoo.mbt2018(2)).__name__ == "JointAutoregressiveHierarchicalPriors"
-    with pytest.raises(NotImplementedError, match="registry"):
+    # pretrained comes from the MLflow registry: a missing model names itself and the server
+    from compresszoo.registry_client import RegistryError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/empty.db")
+    with pytest.raises(RegistryError, match=r"'mbt2018-mse-q3@champion' not found .*empty\.db"):
         zoo.mbt2018(3, pretrained=True)
     with pytest.raises(ValueError, match="quality"):
         zoo.mbt2018(0)

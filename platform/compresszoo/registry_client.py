@@ -91,7 +91,7 @@ def register(model, *, name: str, run_id: str, config: dict, report: dict, rd_po
         champion = True
     if champion:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    return version.version, champion
+    return str(version.version), champion
 
 
 # ------------------------------------------------------------------ load

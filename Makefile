@@ -29,13 +29,21 @@ $(EXT_STAMP): $(STAMP) $(PYX) setup.py
 build: $(EXT_STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check platform pipelines benchmarks tests
+	$(VENV)/bin/ruff check platform pipelines benchmarks tests cluster
 
 test: build lint
 	$(PY) -m pytest -q tests
 
+DEMO_MODEL ?= bmshj2018-hyperprior-mse-q8-N8-M12@champion
+DEMO_IMAGE = $$($(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
+
+# The main job on embedded defaults (local Ray, ./demo folder storage, sqlite ./mlflow.db),
+# then a real image through a registered model with the CLI.
 demo: build
-	$(PY) pipelines/train_zoo.py --preset smoke
+	$(PY) pipelines/train_zoo.py --preset smoke --workdir demo
+	$(PY) -m compresszoo.cli encode $(DEMO_IMAGE) -o demo/astronaut.czoo --model $(DEMO_MODEL)
+	$(PY) -m compresszoo.cli info demo/astronaut.czoo
+	$(PY) -m compresszoo.cli decode demo/astronaut.czoo -o demo/astronaut_decoded.png --model $(DEMO_MODEL)
 
 clean:
 	rm -rf build platform/compresszoo/codec/*.so platform/compresszoo/codec/_rans.c $(EXT_STAMP)

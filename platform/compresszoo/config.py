@@ -170,12 +170,17 @@ def paper(**overrides) -> TrainConfig:
 
 
 def smoke(**overrides) -> TrainConfig:
-    """Debug flavors on the miniature dataset: minutes on two CPUs, same code path."""
+    """Debug flavors on the miniature dataset: minutes on two CPUs, same code path.
+
+    The gate is relaxed to 25%: a debug model trained for minutes codes about 1 kB per
+    image, where fixed per-stream costs and not yet converged quantiles (values escaped
+    past the tables) move the real rate several percent from the estimate. `paper` keeps 3%.
+    """
     base = TrainConfig(
         preset="smoke", debug_model=True, quality=8, crop=128, val_crop=256, val_images=4,
-        shuffle_buffer=32, batch_size=8, lr=1e-3, aux_lr=1e-2, max_steps=300, val_every=100,
-        plateau_patience=2, checkpoint_every=100, log_every=10, cpus_per_worker=0.5, data_cpus=0.25,
-        gate_images=4,
+        shuffle_buffer=32, batch_size=8, lr=2e-3, aux_lr=1e-2, max_steps=600, val_every=200,
+        plateau_patience=2, checkpoint_every=200, log_every=20, cpus_per_worker=0.5, data_cpus=0.25,
+        gate_images=4, gate_max_gap=0.25,
     )
     return base.with_overrides(overrides)
 

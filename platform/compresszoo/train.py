@@ -244,8 +244,14 @@ def storage_for(uri: str):
     return os.path.abspath(uri), None
 
 
-def fit(cfg: TrainConfig) -> FitResult:
-    """Train one model (resuming its run if it exists) and return its final checkpoint."""
+def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None = None,
+        mlflow_parent_run_id: str | None = None) -> FitResult:
+    """Train one model (resuming its run if it exists) and return its final checkpoint.
+
+    callbacks: Ray Train UserCallbacks (a Tune sweep passes its report callback here);
+    storage: overrides cfg.storage for where Ray keeps the run; mlflow_parent_run_id nests
+    this run's MLflow run under a sweep's parent run.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -256,10 +262,11 @@ def fit(cfg: TrainConfig) -> FitResult:
     if not ray.is_initialized():
         ray.init()
     name = cfg.run_name()
-    run_id = find_or_create_run(cfg.tracking_uri, cfg.experiment, name,
-                                {**provenance_tags(), "git_commit": cfg.git_commit,
-                                 "compresszoo.config_hash": cfg.config_hash()})
-    path, fs = storage_for(cfg.storage)
+    tags = {**provenance_tags(), "git_commit": cfg.git_commit, "compresszoo.config_hash": cfg.config_hash()}
+    if mlflow_parent_run_id:
+        tags["mlflow.parentRunId"] = mlflow_parent_run_id
+    run_id = find_or_create_run(cfg.tracking_uri, cfg.experiment, name, tags)
+    path, fs = storage_for(storage or cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "mlflow_run_id": run_id},
@@ -271,6 +278,7 @@ def fit(cfg: TrainConfig) -> FitResult:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _forwarded_env()},
+            callbacks=callbacks or None,
         ),
     )
     result = trainer.fit()
@@ -283,9 +291,13 @@ def fit(cfg: TrainConfig) -> FitResult:
 
 
 def _forwarded_env() -> dict:
-    """Settings workers need (S3 endpoint, test hooks); values never logged."""
-    keys = ("AWS_ENDPOINT_URL", "COMPRESSZOO_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL",
+    """Non-secret settings the workers need (S3 endpoint, region, test hooks).
+
+    Credentials are never put in the runtime env (Ray stores it with the job and shows it
+    in the dashboard): nodes get them from their own environment or the platform's secrets.
+    """
+    keys = ("AWS_ENDPOINT_URL", "COMPRESSZOO_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL",
             "COMPRESSZOO_PID_DIR", "COMPRESSZOO_FAULT_AT_STEP", "COMPRESSZOO_FAULT_MARKER")
     return {k: os.environ[k] for k in keys if k in os.environ}
 

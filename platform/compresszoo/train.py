@@ -202,6 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
     from .data.reader import TrainStream
 
     cfg = TrainConfig.from_dict(config["train"])
+    _quiet_ray_data()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -261,6 +262,7 @@ def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None 
     cfg = cfg.resolved()
     if not ray.is_initialized():
         ray.init()
+    _quiet_ray_data()
     name = cfg.run_name()
     tags = {**provenance_tags(), "git_commit": cfg.git_commit, "compresszoo.config_hash": cfg.config_hash()}
     if mlflow_parent_run_id:
@@ -303,6 +305,13 @@ def _forwarded_env() -> dict:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data logs every small per-epoch dataset at INFO; training logs are what matter here."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:

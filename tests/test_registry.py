@@ -109,3 +109,40 @@ def test_gated_models_register_on_s3_and_load_pretrained_elsewhere(s3_setup, s3_
     runs = client.search_runs([client.get_experiment_by_name("compresszoo").experiment_id],
                               filter_string="tags.`gate.passed` = 'False'")
     assert len(runs) == 1 and "bitrate gap" in runs[0].data.tags["gate.reason"]
+
+
+def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_server(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from compresszoo import registry_client as rc
+    from compresszoo.models import create_model
+
+    uri = f"sqlite:///{tmp_path}/reg.db"
+    monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("champion-test", artifact_location=str(tmp_path / "artifacts"))
+    model = create_model("bmshj2018-factorized", 8, debug=True)
+    model.update(force=True)
+    name = "bmshj2018-factorized-mse-q8-N8-M12"
+    results = []
+    for val_loss in (5.0, 7.0, 3.0):
+        run = client.create_run(exp)
+        results.append(rc.register(model, name=name, run_id=run.info.run_id, config={}, report={},
+                                   rd_point={}, tags={}, val_loss=val_loss, tracking_uri=uri))
+    assert results == [("1", True), ("2", False), ("3", True)]
+    assert client.get_model_version_by_alias(name, "champion").version in (3, "3")
+    expected = client.get_model_version(name, "2").tags["weights_sha256"]
+    path = rc.download(f"{name}:2", uri)
+    assert path.exists() and rc.sha256_file(path) == expected
+    path.write_bytes(b"tampered")  # a corrupted cache entry is detected and fetched again
+    assert rc.sha256_file(rc.download(f"{name}:2", uri)) == expected
+    assert rc.load_registered(f"{name}@champion", uri).meta["N"] == 8
+
+    with pytest.raises(rc.RegistryError, match=rf"'{name}:9' not found .*reg\.db"):
+        rc.download(f"{name}:9", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(rc.RegistryError, match=r"unreachable .*http://127\.0\.0\.1:9"):
+        rc.download(f"{name}@champion", "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="bad model reference"):
+        rc.parse_ref("no spaces allowed@x y")

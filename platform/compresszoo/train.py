@@ -182,6 +182,13 @@ class Trainer:
             train_api.report(report, checkpoint=None)
 
     def _parallel(self):
+        net = self._ddp()
+        if self.cfg.compile and self.device.type == "cuda":
+            # Compile the DDP-wrapped module so graph breaks line up with bucket boundaries.
+            net = torch.compile(net)
+        return net
+
+    def _ddp(self):
         if self.world == 1:
             return self.model
         from torch.nn.parallel import DistributedDataParallel as DDP

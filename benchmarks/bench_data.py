@@ -1,0 +1,272 @@
+"""Training-crop throughput: Parquet shards + Ray Data (TrainStream) against the reference pipeline
+(compressai ImageFolder + RandomCrop + ToTensor + torch DataLoader over the same frames as loose PNGs).
+
+    python benchmarks/bench_data.py [--sizes 1024 4096] [--workers 2] [--crop 256] [--batch 16]
+
+Each pipeline runs in a fresh process with the same number of worker processes (one per
+core), one warm-up epoch, then one timed epoch. Reported per dataset size: crops/s, crops/s
+per allotted core, crops per CPU-second of the pipeline's whole process tree (driver,
+workers and, for Ray, its daemons: robust when other jobs share the machine), peak memory
+(PSS of that tree, so shared pages count once), shard size and bytes per frame. Ours runs
+with both PNG decoders (libspng via imagecodecs, and Pillow, the reference's decoder). The
+frames are 448x256 photographs from the miniature generator, repeated to reach each size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+try:
+    import compresszoo  # noqa: F401
+except ImportError:
+    _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "platform")
+    sys.path.insert(0, _SRC)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+
+import psutil  # noqa: E402
+
+
+class TreeMeter:
+    """CPU seconds and peak PSS of this process and its descendants, sampled in a thread.
+
+    CPU is split into `work` (this process and the processes that run pipeline work: data
+    loader workers, Ray task workers) and `daemons` (Ray's raylet, GCS, agents and Ray
+    Data's helper actors, which burn CPU per second of wall time, not per crop). The
+    sampler's own CPU is left out.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._cpu: dict[int, float] = {}
+        self._daemon: dict[int, bool] = {}
+        self.me = psutil.Process()
+
+    def _is_daemon(self, p: psutil.Process) -> bool:
+        if p.pid == self.me.pid:
+            return False
+        cmd = " ".join(p.cmdline())
+        if not cmd.startswith("ray::"):
+            return "ray" in cmd  # raylet, gcs_server, dashboard, log monitor; not DataLoader workers
+        return any(w in cmd for w in ("Agent", "Actor", "Coordinator"))
+
+    def _sample(self) -> None:
+        pss = 0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = t.user + t.system
+                    if p.pid not in self._daemon:
+                        self._daemon[p.pid] = self._is_daemon(p)
+                    pss += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.peak = max(self.peak, pss)
+
+    def __enter__(self):
+        self._sample()
+        self._start_cpu = dict(self._cpu)
+        self.peak, self._own = 0, 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+        self._own = time.thread_time()
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self._sample()  # before workers exit: their CPU time is only visible while they live
+        delta = {pid: t - self._start_cpu.get(pid, 0.0) for pid, t in self._cpu.items()}
+        self.daemons = sum(d for pid, d in delta.items() if self._daemon.get(pid))
+        self.work = sum(d for pid, d in delta.items() if not self._daemon.get(pid)) - self._own
+
+    def result(self, crops: int) -> dict:
+        return {"crops": crops, "wall": self.wall, "work": self.work, "daemons": self.daemons, "peak": self.peak,
+                "load": os.getloadavg()[0]}
+
+
+def _base_frames(base: str) -> list[str]:
+    return sorted(
+        os.path.join(d, f) for d, _, files in os.walk(os.path.join(base, "sequences")) for f in files if f.endswith(".png")
+    )
+
+
+def build_imagefolder(root: str, base: str, frames: int) -> None:
+    """`frames` loose PNG files in compressai's ImageFolder layout (root/train/*.png), real copies."""
+    srcs = _base_frames(base)
+    os.makedirs(os.path.join(root, "train"))
+    for i in range(frames):
+        shutil.copyfile(srcs[i % len(srcs)], os.path.join(root, "train", f"{i:07d}.png"))
+
+
+def build_vimeo(root: str, base: str, frames: int) -> str:
+    """The same frames in the Vimeo90K layout for the sharder: train list plus one test sequence."""
+    srcs = _base_frames(base)
+    ids = [f"{i // 1000 + 1:05d}/{i % 1000 + 1:04d}" for i in range(frames // 7 + 1)]
+    n = 0
+    for seq in ids:
+        os.makedirs(os.path.join(root, "sequences", seq))
+        for k in range(1, 8):
+            os.link(srcs[n % len(srcs)], os.path.join(root, "sequences", seq, f"im{k}.png"))
+            n += 1
+    with open(os.path.join(root, "sep_trainlist.txt"), "w") as f:
+        f.write("\n".join(ids[:-1]) + "\n")
+    with open(os.path.join(root, "sep_testlist.txt"), "w") as f:
+        f.write(ids[-1] + "\n")
+    return root
+
+
+def run_reference(root: str, *, workers: int, crop: int, batch: int) -> dict:
+    import torch
+    from compressai.datasets import ImageFolder
+    from torchvision import transforms
+
+    torch.set_num_threads(1)
+    dataset = ImageFolder(root, split="train", transform=transforms.Compose([transforms.RandomCrop(crop), transforms.ToTensor()]))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True, drop_last=False
+    )
+    for _ in loader:  # warm-up epoch: worker start, page cache
+        pass
+    crops = 0
+    with TreeMeter() as meter:
+        for x in loader:
+            crops += len(x)
+    del loader
+    return meter.result(crops)
+
+
+def run_ours(dst: str, *, workers: int, crop: int, batch: int) -> dict:
+    import ray
+    import torch
+
+    from compresszoo.data import TrainStream
+    from compresszoo.data.images import png_decoder
+
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    stream = TrainStream(dst, rank=0, world_size=1, batch_size=batch, crop=crop, even_batches=False, task_cpus=1.0)
+    for _ in stream.epoch_batches():  # warm-up epoch: Ray workers, page cache
+        pass
+    crops = 0
+    with TreeMeter() as meter:
+        for x in stream.epoch_batches():
+            crops += len(x)
+    ray.shutdown()
+    return {**meter.result(crops), "decoder": png_decoder()}
+
+
+def measure(kind: str, path: str, args, decoder: str = "auto") -> dict:
+    """Run one pipeline in a fresh process (its own process tree, nothing shared) and return its numbers."""
+    env = {**os.environ, "COMPRESSZOO_PNG_DECODER": decoder}
+    cmd = [sys.executable, os.path.abspath(__file__), "--_run", kind, "--_path", path, "--workers", str(args.workers),
+           "--crop", str(args.crop), "--batch", str(args.batch)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PIPELINES = {
+    "ours_spng": ("ours", "spng", "shards + Ray Data, libspng decode"),
+    "ours_pillow": ("ours", "pillow", "shards + Ray Data, Pillow decode"),
+    "reference": ("reference", "auto", "reference: ImageFolder + RandomCrop + DataLoader"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048], help="frames per dataset size")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (= cores) for each pipeline")
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=2, help="interleaved runs of each pipeline; the median is reported")
+    p.add_argument("--shard-size-mb", type=float, default=64.0)
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--_run", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--_path", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._run:
+        run = run_ours if args._run == "ours" else run_reference
+        print(json.dumps(run(args._path, workers=args.workers, crop=args.crop, batch=args.batch)))
+        return
+
+    import ray
+
+    from compresszoo.data import Manifest, make_miniature, prepare
+
+    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    rows = []
+    try:
+        base = make_miniature(os.path.join(tmp, "base"), sequences=18, test_sequences=2)
+        for frames in args.sizes:
+            work = os.path.join(tmp, f"n{frames}")
+            folder = os.path.join(work, "imagefolder")
+            build_imagefolder(folder, base, frames)
+            src = build_vimeo(os.path.join(work, "vimeo"), base, frames)
+            dst = os.path.join(work, "shards")
+            ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+            prepare(src, dst, shard_size_mb=args.shard_size_mb, progress=False)
+            ray.shutdown()
+            train = Manifest.load(dst).shards_for("train")
+            runs: dict[str, list[dict]] = {k: [] for k in PIPELINES}
+            for _ in range(args.repeat):  # interleaved, so that load from other jobs hits all alike
+                for key, (kind, decoder, _) in PIPELINES.items():
+                    runs[key].append(measure(kind, folder if kind == "reference" else dst, args, decoder))
+            rows.append((frames, train, {k: _median(v) for k, v in runs.items()}))
+            print(f"done {frames} frames", file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(rows, args)
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run with the median work-CPU per crop."""
+    return sorted(runs, key=lambda r: r["work"] / r["crops"])[len(runs) // 2]
+
+
+def report(rows, args) -> None:
+    mb = 1 << 20
+    print(f"\nRandom {args.crop}x{args.crop} crops of 448x256 PNG frames delivered as float tensors, batch "
+          f"{args.batch}, {args.workers} worker processes per pipeline on a {psutil.cpu_count()}-core machine; "
+          f"one timed epoch after a warm-up epoch, each pipeline in a fresh process, median of {args.repeat} "
+          "interleaved runs. 'per CPU-s' = crops per second of one fully busy core.\n")
+    print("| frames | pipeline | crops per CPU-s (work) | crops per CPU-s (incl. Ray daemons) | crops/s wall | "
+          "load avg | peak memory (PSS) | shards x size | bytes/frame |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    for frames, train, results in rows:
+        n_bytes = sum(s.bytes for s in train)
+        per_frame = n_bytes / max(1, sum(s.rows for s in train))
+        for key, r in results.items():
+            shape = f"{len(train)} x {n_bytes / len(train) / mb:.1f} MB" if key != "reference" else "loose PNG files"
+            print(f"| {frames} | {PIPELINES[key][2]} | {r['crops'] / r['work']:.0f} | "
+                  f"{r['crops'] / (r['work'] + r['daemons']):.0f} | {r['crops'] / r['wall']:.0f} | {r['load']:.1f} | "
+                  f"{r['peak'] / mb:.0f} MB | {shape} | {per_frame:.0f} |")
+    print("\n| frames | ours | ratio per CPU-s (work) | ratio per CPU-s (incl. Ray daemons) | target |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for frames, _, results in rows:
+        ref = results["reference"]
+        for key in ("ours_spng", "ours_pillow"):
+            r = results[key]
+            work = (r["crops"] / r["work"]) / (ref["crops"] / ref["work"])
+            total = (r["crops"] / (r["work"] + r["daemons"])) / (ref["crops"] / (ref["work"] + ref["daemons"]))
+            print(f"| {frames} | {PIPELINES[key][2]} | {work:.2f}x | {total:.2f}x | >= 1.5x |")
+
+
+if __name__ == "__main__":
+    main()

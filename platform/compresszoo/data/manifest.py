@@ -1,0 +1,137 @@
+"""The shard manifest `DST/_manifest.json`: the only thing a reader trusts.
+
+Written last and atomically by the sharder; it lists every shard (path relative to DST, split,
+rows, bytes, sha256, rows per row group), the source lists, the bad-input report and the
+format version. Its content is deterministic: a resumed run writes the same bytes as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from compresszoo import storage
+
+FORMAT = "compresszoo.vimeo90k-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "_manifest.json"
+
+# One row per frame. The PNG bytes are stored exactly as read (already deflated, so the
+# column is written uncompressed); height/width let readers plan crops without decoding.
+SHARD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("png", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+
+
+class ManifestError(RuntimeError):
+    """The manifest is missing, unreadable or of an unknown format."""
+
+
+class ShardError(RuntimeError):
+    """A shard listed by the manifest is missing or corrupt; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the manifest's folder
+    split: str
+    rows: int
+    bytes: int
+    sha256: str
+    row_groups: tuple[int, ...]  # rows in each Parquet row group
+
+    @classmethod
+    def from_json(cls, d: dict) -> ShardInfo:
+        return cls(d["path"], d["split"], int(d["rows"]), int(d["bytes"]), d["sha256"], tuple(d["row_groups"]))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["row_groups"] = list(self.row_groups)
+        return d
+
+
+@dataclass
+class Manifest:
+    root: str  # URI of the folder that holds the manifest and the shards (not serialized)
+    shards: list[ShardInfo]
+    tuplet: str = "sep"
+    source: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    bad_input: dict = field(default_factory=dict)
+
+    def shard_uri(self, shard: ShardInfo) -> str:
+        return storage.join(self.root, shard.path)
+
+    def shards_for(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def frames(self, split: str | None = None) -> int:
+        return sum(s.rows for s in self.shards if split is None or s.split == split)
+
+    def to_json(self) -> str:
+        splits = {}
+        for s in self.shards:
+            entry = splits.setdefault(s.split, {"frames": 0, "shards": 0, "bytes": 0})
+            entry["frames"] += s.rows
+            entry["shards"] += 1
+            entry["bytes"] += s.bytes
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tuplet": self.tuplet,
+            "splits": splits,
+            "source": self.source,
+            "params": self.params,
+            "bad_input": self.bad_input,
+            "shards": [s.to_json() for s in self.shards],
+        }
+        return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+    def save(self) -> None:
+        storage.write_bytes(manifest_uri(self.root), self.to_json().encode())
+
+    @classmethod
+    def load(cls, uri: str) -> Manifest:
+        """Load from the dataset folder or the manifest file itself."""
+        root = _root_of(uri)
+        path = manifest_uri(root)
+        try:
+            doc = json.loads(storage.read_bytes(path))
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{path}: no manifest; run pipelines/prepare_vimeo90k.py --dst {root} "
+                "(a dataset without a manifest is unfinished)"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise ManifestError(f"{path}: unreadable manifest ({e}); rerun the sharder to rewrite it") from None
+        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"{path}: format {doc.get('format')!r} version {doc.get('format_version')!r}; "
+                f"this code reads {FORMAT!r} version {FORMAT_VERSION}; rerun the sharder"
+            )
+        return cls(
+            root=root,
+            shards=[ShardInfo.from_json(s) for s in doc["shards"]],
+            tuplet=doc.get("tuplet", ""),
+            source=doc.get("source", {}),
+            params=doc.get("params", {}),
+            bad_input=doc.get("bad_input", {}),
+        )
+
+
+def manifest_uri(root: str) -> str:
+    return storage.join(root, MANIFEST_NAME)
+
+
+def _root_of(uri: str) -> str:
+    uri = str(uri).rstrip("/")
+    return uri[: -len(MANIFEST_NAME) - 1] if uri.endswith("/" + MANIFEST_NAME) else uri

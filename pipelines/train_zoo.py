@@ -64,7 +64,10 @@ def plan(args) -> list[TrainConfig]:
     from compresszoo.tracking import git_commit
 
     base = RECIPES[args.preset]()
-    base = base.with_overrides({"git_commit": git_commit(ROOT), "storage": args.storage or base.storage})
+    # Under `ray job submit` the working-dir copy has no .git: the submitter can pass the
+    # commit in COMPRESSZOO_GIT_COMMIT (or --set git_commit=...).
+    commit = os.environ.get("COMPRESSZOO_GIT_COMMIT") or git_commit(ROOT)
+    base = base.with_overrides({"git_commit": commit, "storage": args.storage or base.storage})
     if args.data:
         base = base.with_overrides({"data": args.data})
     base = base.with_overrides(args.overrides)

@@ -88,7 +88,8 @@ def test_gated_models_register_on_s3_and_load_pretrained_elsewhere(s3_setup, s3_
         from compresszoo.codec import decode_image
         m = zoo.bmshj2018_factorized(quality=8, pretrained=True, N=8, M=12)
         x = decode_image(open({str(tmp_path / 'cat.czoo')!r}, 'rb').read(), m)
-        assert np.array_equal(x.numpy(), np.load({str(tmp_path / 'expected.npy')!r}))
+        # same latents; x_hat may differ in the last bits if thread counts differ
+        assert np.abs(x.numpy() - np.load({str(tmp_path / 'expected.npy')!r})).max() < 1e-5
         print("decoded", tuple(x.shape))
     """)
     env = {k: v for k, v in os.environ.items()}

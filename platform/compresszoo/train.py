@@ -57,6 +57,7 @@ class Trainer:
             self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
             min_lr=cfg.min_lr)
         self.state = TrainState()
+        self._val_batches: list | None = None
         self.logger = make_logger(rank, cfg.tracking_uri, run_id)
         torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank noise from here on
         random.seed(cfg.seed * 1_000_003 + rank)
@@ -146,11 +147,13 @@ class Trainer:
     def validate(self) -> float:
         from .data.reader import validation_batches
 
+        if self._val_batches is None:  # a few fixed center crops: read once, keep in memory
+            self._val_batches = list(validation_batches(
+                self.cfg.data, crop=self.cfg.val_crop, batch_size=4, rank=self.rank,
+                world_size=self.world, limit=self.cfg.val_images, task_cpus=self.cfg.data_cpus))
         self.model.eval()
         total = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, bpp, mse, n
-        for x in validation_batches(self.cfg.data, crop=self.cfg.val_crop, batch_size=4, rank=self.rank,
-                                    world_size=self.world, limit=self.cfg.val_images,
-                                    task_cpus=self.cfg.data_cpus):
+        for x in self._val_batches:
             x = x.to(self.device)
             out = self.criterion(self.model(x), x)
             n = x.shape[0]

@@ -1,15 +1,19 @@
 """Training-crop throughput: Parquet shards + Ray Data (TrainStream) against the reference pipeline
 (compressai ImageFolder + RandomCrop + ToTensor + torch DataLoader over the same frames as loose PNGs).
 
-    python benchmarks/bench_data.py [--sizes 1024 4096] [--workers 2] [--crop 256] [--batch 16]
+    python benchmarks/bench_data.py [--sizes 1024 4096] [--workers 2] [--repeat 2] [--only ours_spng]
 
 Each pipeline runs in a fresh process with the same number of worker processes (one per
-core), one warm-up epoch, then one timed epoch. Reported per dataset size: crops/s, crops/s
-per allotted core, crops per CPU-second of the pipeline's whole process tree (driver,
-workers and, for Ray, its daemons: robust when other jobs share the machine), peak memory
-(PSS of that tree, so shared pages count once), shard size and bytes per frame. Ours runs
-with both PNG decoders (libspng via imagecodecs, and Pillow, the reference's decoder). The
-frames are 448x256 photographs from the miniature generator, repeated to reach each size.
+core): 192 crops to warm up (workers started, imports done), then one whole epoch timed, its
+start included. The marginal cost per crop, (CPU(big) - CPU(small)) / (crops(big) -
+crops(small)) over the two dataset sizes, is the steady-state number with the per-epoch
+start cancelled out (an epoch of Vimeo90K is minutes long, so that is what training sees). Reported: crops per
+CPU-second (crops/s of one fully busy core; CPU time is robust when other jobs share the
+machine, wall time is not), for the pipeline's own processes and with Ray's daemons; wall
+crops/s and the load average; peak memory (PSS, so shared pages count once) of all processes
+and of the pipeline's own; shard size and bytes per frame. Ours runs with both PNG decoders
+(libspng via imagecodecs, and Pillow, the reference's decoder). The frames are 448x256
+photographs from the miniature generator, repeated to reach each size.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class TreeMeter:
     """
 
     def __init__(self, interval: float = 0.25):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_work, self._stop = interval, 0, 0, threading.Event()
         self._cpu: dict[int, float] = {}
         self._daemon: dict[int, bool] = {}
         self.me = psutil.Process()
@@ -58,7 +62,7 @@ class TreeMeter:
         return any(w in cmd for w in ("Agent", "Actor", "Coordinator"))
 
     def _sample(self) -> None:
-        pss = 0
+        pss = {True: 0, False: 0}
         for p in [self.me, *self.me.children(recursive=True)]:
             try:
                 with p.oneshot():
@@ -66,15 +70,16 @@ class TreeMeter:
                     self._cpu[p.pid] = t.user + t.system
                     if p.pid not in self._daemon:
                         self._daemon[p.pid] = self._is_daemon(p)
-                    pss += p.memory_full_info().pss
+                    pss[self._daemon[p.pid]] += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        self.peak = max(self.peak, pss)
+        self.peak = max(self.peak, pss[True] + pss[False])
+        self.peak_work = max(self.peak_work, pss[False])
 
     def __enter__(self):
         self._sample()
         self._start_cpu = dict(self._cpu)
-        self.peak, self._own = 0, 0.0
+        self.peak, self.peak_work, self._own = 0, 0, 0.0
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.t0 = time.perf_counter()
         self._thread.start()
@@ -96,7 +101,7 @@ class TreeMeter:
 
     def result(self, crops: int) -> dict:
         return {"crops": crops, "wall": self.wall, "work": self.work, "daemons": self.daemons, "peak": self.peak,
-                "load": os.getloadavg()[0]}
+                "peak_work": self.peak_work, "load": os.getloadavg()[0]}
 
 
 def _base_frames(base: str) -> list[str]:
@@ -130,6 +135,29 @@ def build_vimeo(root: str, base: str, frames: int) -> str:
     return root
 
 
+WARMUP_CROPS = 192
+
+
+def timed(batches) -> dict:
+    """Time one whole epoch of an iterator of batches, its start included."""
+    crops, first = 0, None
+    with TreeMeter() as meter:
+        for x in batches:
+            crops += len(x)
+            if first is None:
+                first = time.perf_counter() - meter.t0
+    return {**meter.result(crops), "first_batch_s": first}
+
+
+def warm_up(batches) -> None:
+    """Start the workers and import everything: the first crops of an epoch, untimed."""
+    crops = 0
+    for x in batches:
+        crops += len(x)
+        if crops >= WARMUP_CROPS:
+            break
+
+
 def run_reference(root: str, *, workers: int, crop: int, batch: int) -> dict:
     import torch
     from compressai.datasets import ImageFolder
@@ -140,14 +168,8 @@ def run_reference(root: str, *, workers: int, crop: int, batch: int) -> dict:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True, drop_last=False
     )
-    for _ in loader:  # warm-up epoch: worker start, page cache
-        pass
-    crops = 0
-    with TreeMeter() as meter:
-        for x in loader:
-            crops += len(x)
-    del loader
-    return meter.result(crops)
+    warm_up(loader)
+    return timed(loader)
 
 
 def run_ours(dst: str, *, workers: int, crop: int, batch: int) -> dict:
@@ -159,15 +181,14 @@ def run_ours(dst: str, *, workers: int, crop: int, batch: int) -> dict:
 
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    stream = TrainStream(dst, rank=0, world_size=1, batch_size=batch, crop=crop, even_batches=False, task_cpus=1.0)
-    for _ in stream.epoch_batches():  # warm-up epoch: Ray workers, page cache
-        pass
-    crops = 0
-    with TreeMeter() as meter:
-        for x in stream.epoch_batches():
-            crops += len(x)
+
+    def stream():
+        return TrainStream(dst, rank=0, world_size=1, batch_size=batch, crop=crop, even_batches=False, task_cpus=1.0)
+
+    warm_up(stream().epoch_batches())
+    result = timed(stream().epoch_batches())  # a fresh stream: one whole epoch
     ray.shutdown()
-    return {**meter.result(crops), "decoder": png_decoder()}
+    return {**result, "decoder": png_decoder()}
 
 
 def measure(kind: str, path: str, args, decoder: str = "auto") -> dict:
@@ -190,12 +211,14 @@ PIPELINES = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048], help="frames per dataset size")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="frames per dataset size")
     p.add_argument("--workers", type=int, default=2, help="worker processes (= cores) for each pipeline")
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2, help="interleaved runs of each pipeline; the median is reported")
     p.add_argument("--shard-size-mb", type=float, default=64.0)
+    p.add_argument("--only", nargs="+", choices=list(PIPELINES), default=list(PIPELINES),
+                   help="pipelines to run (the reference is always run: ratios need it)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.add_argument("--_run", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--_path", help=argparse.SUPPRESS)
@@ -223,9 +246,11 @@ def main() -> None:
             prepare(src, dst, shard_size_mb=args.shard_size_mb, progress=False)
             ray.shutdown()
             train = Manifest.load(dst).shards_for("train")
-            runs: dict[str, list[dict]] = {k: [] for k in PIPELINES}
+            chosen = [k for k in PIPELINES if k in args.only or k == "reference"]
+            runs: dict[str, list[dict]] = {k: [] for k in chosen}
             for _ in range(args.repeat):  # interleaved, so that load from other jobs hits all alike
-                for key, (kind, decoder, _) in PIPELINES.items():
+                for key in chosen:
+                    kind, decoder, _ = PIPELINES[key]
                     runs[key].append(measure(kind, folder if kind == "reference" else dst, args, decoder))
             rows.append((frames, train, {k: _median(v) for k, v in runs.items()}))
             print(f"done {frames} frames", file=sys.stderr)
@@ -244,11 +269,12 @@ def report(rows, args) -> None:
     mb = 1 << 20
     print(f"\nRandom {args.crop}x{args.crop} crops of 448x256 PNG frames delivered as float tensors, batch "
           f"{args.batch}, {args.workers} worker processes per pipeline on a {psutil.cpu_count()}-core machine; "
-          f"one timed epoch after a warm-up epoch, each pipeline in a fresh process, median of {args.repeat} "
-          "interleaved runs. 'per CPU-s' = crops per second of one fully busy core.\n")
+          f"{WARMUP_CROPS} crops to warm up, then one whole epoch timed (its start included), each pipeline in a fresh process, median of {args.repeat} interleaved runs. 'per CPU-s' = "
+          "crops per second of one fully busy core; 'work' = the training process and the decode workers, "
+          "without Ray's daemons.\n")
     print("| frames | pipeline | crops per CPU-s (work) | crops per CPU-s (incl. Ray daemons) | crops/s wall | "
-          "load avg | peak memory (PSS) | shards x size | bytes/frame |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+          "load avg | first batch | peak memory, all (PSS) | of which pipeline processes | shards x size | bytes/frame |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for frames, train, results in rows:
         n_bytes = sum(s.bytes for s in train)
         per_frame = n_bytes / max(1, sum(s.rows for s in train))
@@ -256,16 +282,31 @@ def report(rows, args) -> None:
             shape = f"{len(train)} x {n_bytes / len(train) / mb:.1f} MB" if key != "reference" else "loose PNG files"
             print(f"| {frames} | {PIPELINES[key][2]} | {r['crops'] / r['work']:.0f} | "
                   f"{r['crops'] / (r['work'] + r['daemons']):.0f} | {r['crops'] / r['wall']:.0f} | {r['load']:.1f} | "
-                  f"{r['peak'] / mb:.0f} MB | {shape} | {per_frame:.0f} |")
+                  f"{r['first_batch_s']:.1f} s | "
+                  f"{r['peak'] / mb:.0f} MB | {r['peak_work'] / mb:.0f} MB | {shape} | {per_frame:.0f} |")
     print("\n| frames | ours | ratio per CPU-s (work) | ratio per CPU-s (incl. Ray daemons) | target |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for frames, _, results in rows:
         ref = results["reference"]
-        for key in ("ours_spng", "ours_pillow"):
+        for key in [k for k in results if k != "reference"]:
             r = results[key]
             work = (r["crops"] / r["work"]) / (ref["crops"] / ref["work"])
             total = (r["crops"] / (r["work"] + r["daemons"])) / (ref["crops"] / (ref["work"] + ref["daemons"]))
             print(f"| {frames} | {PIPELINES[key][2]} | {work:.2f}x | {total:.2f}x | >= 1.5x |")
+    if len(rows) >= 2:
+        (small, _, a), (big, _, b) = rows[0], rows[-1]
+        print(f"\nSteady state, marginal cost between {small} and {big} frames (the per-epoch start cancels out):\n")
+        print("| pipeline | crops per CPU-s (work) | crops per CPU-s (incl. Ray daemons) | ratio (work) | ratio (incl. daemons) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+
+        def marginal(key, daemons):
+            cpu = lambda r: r["work"] + (r["daemons"] if daemons else 0.0)  # noqa: E731
+            return (b[key]["crops"] - a[key]["crops"]) / (cpu(b[key]) - cpu(a[key]))
+
+        for key in a:
+            w, t = marginal(key, False), marginal(key, True)
+            rw, rt = w / marginal("reference", False), t / marginal("reference", True)
+            print(f"| {PIPELINES[key][2]} | {w:.0f} | {t:.0f} | {rw:.2f}x | {rt:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ permutes all training fragments with (seed, e) and rank r takes remaining[r::wor
 a local shuffle buffer (Ray Data's, seeded by (seed, e, rank)) then mixes rows across
 fragments, and each fragment draws its crops from its own seeded generator. So each epoch
 sees every training frame once across the workers, in an order that changes every epoch.
-Memory is bounded by Ray Data's streaming backpressure plus the shuffle buffer
-(`shuffle_buffer` crops), whatever the dataset size.
+Memory is bounded whatever the dataset size: decoded crops waiting in Ray's object store
+are capped at `buffer_mb` (Ray Data backpressure), plus the shuffle buffer (`shuffle_buffer`
+crops) and `prefetch_batches` batches in the training process.
 
 Equal steps. DDP needs every rank to run the same number of steps; with even_batches=True
 (the default) every rank yields exactly min_r(rows of rank r) // batch_size full batches,
@@ -185,7 +186,7 @@ def _read_row_group(frag: _Fragment):
     return table
 
 
-def _dataset(fragments: list[_Fragment], fids: list[int], *, crop, mode, seed, epoch, task_cpus, concurrency):
+def _dataset(fragments: list[_Fragment], fids: list[int], *, crop, mode, seed, epoch, task_cpus, concurrency, buffer_mb):
     import ray
     import ray.data
 
@@ -205,6 +206,11 @@ def _dataset(fragments: list[_Fragment], fids: list[int], *, crop, mode, seed, e
     )
     # Block order fixed: the shuffle is ours (seeded), and the resume cursor needs it.
     ds.context.execution_options.preserve_order = True
+    # Ray Data's default budget is half the object store: decoded crops would pile up to
+    # gigabytes whenever decoding outpaces training. A fixed budget keeps memory flat.
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=buffer_mb * 2**20
+    )
     ds.context.enable_progress_bars = False
     return ds
 
@@ -262,6 +268,7 @@ class TrainStream:
         task_cpus: float = 1.0,
         concurrency: int | None = None,
         prefetch_batches: int = 1,
+        buffer_mb: float = 128.0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -270,6 +277,7 @@ class TrainStream:
         self.batch_size, self.crop, self.seed = batch_size, crop, seed
         self.shuffle_buffer, self.even_batches, self.split = shuffle_buffer, even_batches, split
         self.task_cpus, self.concurrency, self.prefetch_batches = task_cpus, concurrency, prefetch_batches
+        self.buffer_mb = buffer_mb
         self.fragments = _fragments(self.manifest, split)
         if not self.fragments:
             raise ValueError(f"{self.manifest.root}: the manifest has no '{split}' frames")
@@ -367,6 +375,7 @@ class TrainStream:
             epoch=self.epoch,
             task_cpus=self.task_cpus,
             concurrency=self.concurrency,
+            buffer_mb=self.buffer_mb,
         )
         batches = ds.iter_batches(
             batch_size=self.batch_size,
@@ -497,6 +506,7 @@ def validation_batches(
     stats: dict | None = None,
     split: str = "test",
     task_cpus: float = 1.0,
+    buffer_mb: float = 128.0,
 ) -> Iterator[torch.Tensor]:
     """Yield center crops of the test split, float32 (B, 3, crop, crop), in manifest order.
 
@@ -519,7 +529,7 @@ def validation_batches(
         return
     ds = _dataset(
         [fragments[i] for i in fids], fids, crop=crop, mode="center", seed=0, epoch=0,
-        task_cpus=task_cpus, concurrency=None,
+        task_cpus=task_cpus, concurrency=None, buffer_mb=buffer_mb,
     )
     budget = math.inf if limit is None else limit
     pending = _Rebatcher(batch_size)

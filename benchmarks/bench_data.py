@@ -53,13 +53,14 @@ class TreeMeter:
         self._daemon: dict[int, bool] = {}
         self.me = psutil.Process()
 
+    _DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "Agent", "Actor")
+
     def _is_daemon(self, p: psutil.Process) -> bool:
+        # Asked at every sample: a new Ray worker shows its real title only once it runs.
         if p.pid == self.me.pid:
             return False
         cmd = " ".join(p.cmdline())
-        if not cmd.startswith("ray::"):
-            return "ray" in cmd  # raylet, gcs_server, dashboard, log monitor; not DataLoader workers
-        return any(w in cmd for w in ("Agent", "Actor", "Coordinator"))
+        return any(d in cmd for d in self._DAEMONS)
 
     def _sample(self) -> None:
         pss = {True: 0, False: 0}
@@ -68,8 +69,7 @@ class TreeMeter:
                 with p.oneshot():
                     t = p.cpu_times()
                     self._cpu[p.pid] = t.user + t.system
-                    if p.pid not in self._daemon:
-                        self._daemon[p.pid] = self._is_daemon(p)
+                    self._daemon[p.pid] = self._is_daemon(p)
                     pss[self._daemon[p.pid]] += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass

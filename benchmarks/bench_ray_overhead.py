@@ -83,10 +83,11 @@ def main() -> None:
         common = dict(architecture=args.arch, data=data_dir(work), storage=str(work / "runs"),
                       tracking_uri=f"sqlite:///{work}/mlflow.db", crop=args.crop, batch_size=args.batch,
                       max_steps=args.steps, log_every=10, val_every=10**6, checkpoint_every=10**6,
-                      debug_model=False, quality=3, cpus_per_worker=1.0, data_cpus=0.5)
+                      debug_model=False, quality=3, lr=1e-4, aux_lr=1e-3, cpus_per_worker=1.0,
+                      data_cpus=0.5)
         plain = plain_loop(smoke(**common))
         one = ray_steps_per_second(smoke(**common, seed=1))
-        two = ray_steps_per_second(smoke(**common, seed=2, workers=2, cpus_per_worker=0.75))
+        two = ray_steps_per_second(smoke(**{**common, "seed": 2, "workers": 2, "cpus_per_worker": 0.75}))
     print(f"\n{args.arch} q3 (full size), batch {args.batch} (global), {args.crop}x{args.crop} crops, "
           f"{args.steps} steps, 2-core CPU machine\n")
     print("| setup | steps/s | images/s | ratio |")

@@ -123,6 +123,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
         out = self.forward_backward(net, x)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(
+                f"{self.cfg.run_name()}: the loss became {out['loss'].item()} at step {self.state.step + 1}; "
+                f"lower lr (now {self.optimizer.param_groups[0]['lr']:g}) or check the data")
         torch.nn.utils.clip_grad_norm_(self.model.main_parameters(), self.cfg.clip_max_norm)
         self.optimizer.step()
         aux = self.model.aux_loss()  # data-free: identical on every rank, no all-reduce needed
@@ -341,6 +345,8 @@ def _gather(obj, world: int) -> list:
 
 
 def _psnr(mse: float) -> float:
+    if not math.isfinite(mse):
+        return float("nan")
     return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 

@@ -5,7 +5,6 @@ The gate's report goes to the MLflow run either way, so a rejected model says wh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .codec.gate import GateThresholds, validate_bitrate
@@ -13,8 +12,7 @@ from .config import TrainConfig
 from .data.manifest import Manifest, manifest_uri
 from .models.io import load_weights
 from .tracking import MlflowLogger
-
-WEIGHTS_FILE = "model.safetensors"
+from .train import WEIGHTS_FILE
 
 
 def manifest_sha(data_uri: str) -> str:
@@ -82,6 +80,3 @@ def summary_table(rows: list[dict]) -> str:
                      f"{fmt(r.get('psnr'), '.2f')} | {gate} | {r.get('version') or '-'} |")
     return "\n".join(lines)
 
-
-def dump(rows: list[dict]) -> str:
-    return json.dumps(rows, indent=2, default=str)

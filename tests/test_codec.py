@@ -63,6 +63,45 @@ def test_round_trip_exact_latents_and_forward_match(models, name):
     assert (dec["x_hat"] - ref).abs().max().item() < 1e-4
 
 
+
+@pytest.mark.parametrize("quality,debug", [(1, False), (5, False), (3, True)],
+                         ids=["q1-M192", "q5-M320", "debug"])
+def test_mbt2018_decode_is_bit_identical_to_the_reference(quality, debug):
+    """Our wavefront decoder gives exactly the image the reference's raster decoder gives
+    (same weights, same thread count): every entropy parameter is computed with the same
+    arithmetic. Our latents do not depend on the thread count; the reference's do where MKL
+    splits its M=320 GEMVs across threads, so there it is compared on one thread only."""
+    from compressai.models.google import JointAutoregressiveHierarchicalPriors as Ref
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(quality)
+        ours = create_model("mbt2018", quality, debug=debug).eval()
+        with torch.no_grad():  # spread the latents and the densities: many distinct symbols
+            ours.g_a[6].weight.mul_(20.0)
+            ours.entropy_bottleneck.quantiles.mul_(3.0)
+        ours.update(force=True)
+        ref = Ref(ours.N, ours.M).eval()
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.stack([photo("astronaut", 128, 192), photo("coffee", 128, 192, 100, 200)])
+        ref_x, outs = {}, {}
+        with torch.no_grad():
+            theirs = ref.compress(x)
+            mine = ours.compress(x, return_latents=True)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                ref_x[threads] = ref.decompress(theirs["strings"], theirs["shape"])["x_hat"]
+                outs[threads] = ours.decompress(mine["strings"], mine["shape"])
+    finally:
+        torch.set_num_threads(saved)
+    assert mine["y_hat"].abs().max() > 3 and (mine["y_hat"] != mine["y_hat"].round()).any()
+    for out in outs.values():
+        assert torch.equal(out["y_hat"], mine["y_hat"])
+    assert torch.equal(outs[1]["x_hat"], ref_x[1]), (outs[1]["x_hat"] - ref_x[1]).abs().max().item()
+    if ours.M != 320:
+        assert torch.equal(outs[2]["x_hat"], ref_x[2]), (outs[2]["x_hat"] - ref_x[2]).abs().max().item()
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_full_size_model_round_trips_an_odd_sized_photo(name):
     torch.manual_seed(1)

@@ -6,6 +6,8 @@ project's rANS coder. Parameter names follow CompressAI so checkpoints load both
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -215,7 +217,19 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         return {"x_hat": self.g_s(y_hat).clamp_(0, 1), "y_hat": y_hat}
 
     def _wavefront(self, params: Tensor, y: Tensor | None = None, data: bytes | None = None):
-        """Encode y (data=None) or decode data (y=None) for one image; returns (bytes, y_hat)."""
+        """Encode y (data=None) or decode data (y=None) for one image; returns (bytes, y_hat).
+
+        Runs on one intra-op thread: a multi-threaded GEMV may split its sums across threads
+        (MKL does for the M=320 layers), and the entropy parameters must not depend on the
+        thread count of the machine that encodes or decodes."""
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._wavefront_1t(params, y, data)
+        finally:
+            torch.set_num_threads(saved)
+
+    def _wavefront_1t(self, params: Tensor, y: Tensor | None, data: bytes | None):
         from ..codec import rans
 
         gc = self.gaussian_conditional
@@ -226,31 +240,31 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         dtype = params.dtype
         # y_hat with a zero border; context for a set of positions = masked 5x5 patches.
         y_pad = torch.zeros(1, M, H + 2 * pad, W + 2 * pad, dtype=dtype, device=params.device)
-        weight = self.context_prediction.masked_weight().reshape(2 * M, -1)  # (2M, M*25)
+        # The reference computes each position with a batch-1 5x5 convolution and batch-1 1x1
+        # convolutions (one GEMM row each). The strided convolution over a strip of crops and
+        # a batched matmul with one row per position reproduce that arithmetic bit for bit,
+        # so the decoded image equals the reference decoder's (tests/test_codec.py).
+        weight = self.context_prediction.masked_weight()
         bias = self.context_prediction.bias
         convs = [m for m in self.entropy_parameters if isinstance(m, nn.Conv2d)]
-        ep = [(c.weight.reshape(c.out_channels, -1), c.bias) for c in convs]
-        params_flat = params[0].reshape(params.shape[1], -1)  # (2M, H*W)
-        offs = torch.arange(k, device=params.device)
+        ep = [(c.weight.reshape(c.out_channels, -1).t(), c.bias) for c in convs]  # (K, N) views
+        rows_p = params[0].reshape(params.shape[1], -1).t().contiguous()  # (H*W, 2M)
+        plane = y_pad.view(M, -1)  # (M, Hp*Wp), shares memory with y_pad
         if y is None:
             decoder = rans.RansDecoder(data)
         else:
+            y_rows = y[0].reshape(M, -1).t()  # (H*W, M)
             encoder = rans.RansEncoder()
-        for t in range(3 * (H - 1) + W):
-            hs = torch.arange(max(0, (t - W + 3) // 3), min(H - 1, t // 3) + 1, device=params.device)
-            ws = t - 3 * hs
-            keep = (ws >= 0) & (ws < W)
-            hs, ws = hs[keep], ws[keep]
-            if hs.numel() == 0:
-                continue
-            # (P, M, 5, 5) patches centred on each position in the padded grid
-            rows = (hs[:, None] + offs[None, :])[:, :, None].expand(-1, k, k)
-            cols = (ws[:, None] + offs[None, :])[:, None, :].expand(-1, k, k)
-            patches = y_pad[0][:, rows, cols].permute(1, 0, 2, 3).reshape(hs.numel(), -1)
-            ctx = F.linear(patches, weight, bias)  # (P, 2M)
-            h = torch.cat((params_flat[:, hs * W + ws].t(), ctx), dim=1)
+        for pos, centre, gather in _wavefronts(H, W, k, params.device):
+            n = pos.numel()
+            # The 5x5 crops centred on each position, side by side in one (1, M, 5, 5P) strip:
+            # a stride-5 convolution gives each crop's output with the same arithmetic as a
+            # batch-1 call on that crop, and runs P independent accumulations at once.
+            strip = plane.index_select(1, gather).view(1, M, k, n * k)
+            ctx = F.conv2d(strip, weight, bias, stride=(1, k))[0, :, 0, :].t()  # (P, 2M)
+            h = torch.cat((rows_p.index_select(0, pos), ctx), dim=1)
             for i, (wt, b) in enumerate(ep):
-                h = F.linear(h, wt, b)
+                h = torch.baddbmm(b.expand(n, 1, -1), h[:, None, :], wt.expand(n, -1, -1))[:, 0]
                 if i < len(ep) - 1:
                     h = F.leaky_relu(h)
             scales, means = h.chunk(2, 1)  # (P, M)
@@ -259,12 +273,35 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
                 sym = decoder.decode(indexes.reshape(-1), cdfs, lengths, offsets).reshape(indexes.shape)
                 sym = torch.from_numpy(np.ascontiguousarray(sym)).to(params.device)
             else:
-                sym = gc.quantize(y[0][:, hs, ws].t(), "symbols", means)
+                sym = gc.quantize(y_rows.index_select(0, pos), "symbols", means)
                 encoder.encode_with_indexes(sym.cpu().numpy().reshape(-1), indexes.reshape(-1),
                                             cdfs, lengths, offsets)
-            y_pad[0][:, hs + pad, ws + pad] = (sym.to(dtype) + means).t()
+            plane.index_copy_(1, centre, (sym.to(dtype) + means).t())
         y_hat = y_pad[:, :, pad:pad + H, pad:pad + W].contiguous()
         if y is None:
             decoder.finish()
             return data, y_hat
         return encoder.flush(), y_hat
+
+
+@functools.lru_cache(maxsize=64)
+def _wavefronts(H: int, W: int, k: int, device: torch.device) -> tuple:
+    """Per wavefront t = 3h + w: (positions in the H*W grid, their centres in the padded
+    grid, the gather index of their 5x5 crops laid side by side as a (k, P*k) strip)."""
+    pad, Wp = k // 2, W + 2 * (k // 2)
+    offs = torch.arange(k)
+    out = []
+    for t in range(3 * (H - 1) + W):
+        hs = torch.arange(max(0, (t - W + 3) // 3), min(H - 1, t // 3) + 1)
+        ws = t - 3 * hs
+        keep = (ws >= 0) & (ws < W)
+        hs, ws = hs[keep], ws[keep]
+        if hs.numel() == 0:
+            continue
+        gather = (hs[None, :, None] + offs[:, None, None]) * Wp + ws[None, :, None] + offs[None, None, :]
+        out.append((
+            (hs * W + ws).to(device),
+            ((hs + pad) * Wp + ws + pad).to(device),
+            gather.reshape(-1).to(device),
+        ))
+    return tuple(out)

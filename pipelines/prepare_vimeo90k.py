@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row-group-mb", type=float, default=DEFAULT_ROW_GROUP_MB)
     p.add_argument("--on-bad", choices=["skip", "fail"], default="skip",
                    help="bad frames and list lines: leave out and name them in the manifest, or stop")
+    p.add_argument("--codec", choices=["qoi", "png"], default="qoi",
+                   help="store frames as lossless QOI (fast to decode, default) or as the source PNG bytes")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the one-time shuffle of training frames")
     p.add_argument("--max-parallel", type=int, default=None, help="shards written at once (default: cluster CPUs)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS or a local one)")
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             shuffle_seed=args.shuffle_seed,
             max_parallel=args.max_parallel,
             progress=not args.quiet,
+            codec=args.codec,
         )
     except (BadInputError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -30,6 +31,7 @@ from compresszoo.data import (
     scan_source,
     validation_batches,
 )
+from compresszoo.data.images import BadImage, decode_rgb, encode_qoi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small shards and row groups so that the 56-frame miniature has ~11 shards and ~30 fragments.
@@ -93,11 +95,16 @@ def test_local_shards_match_the_lists(shards, miniature):
         assert manifest.frames(split) == len(listed_keys(miniature, split))
     assert len(manifest.shards) >= 6 and sum(len(s.row_groups) for s in manifest.shards_for("train")) >= 12
     doc = json.loads(open(os.path.join(shards, "_manifest.json")).read())
-    assert doc["format_version"] == 1 and doc["source"]["lists"]["train"]["file"] == "sep_trainlist.txt"
+    assert doc["format_version"] == 2 and doc["source"]["lists"]["train"]["file"] == "sep_trainlist.txt"
     assert doc["splits"]["train"]["frames"] == 42 and doc["bad_input"]["missing"]["count"] == 0
-    # The stored bytes are the source PNG files, unchanged.
-    row = pq.read_table(os.path.join(shards, manifest.shards[0].path)).slice(0, 1).to_pylist()[0]
-    assert row["png"] == open(os.path.join(miniature, "sequences", row["key"] + ".png"), "rb").read()
+    assert doc["codec"] == "qoi"
+    # Frames are stored as QOI, losslessly: every row decodes to its source PNG's pixels.
+    rows = pq.read_table(os.path.join(shards, manifest.shards[0].path)).to_pylist()
+    for row in rows:
+        assert row["image"][:4] == b"qoif" and row["crc32"] == zlib.crc32(row["image"])
+        source = np.asarray(Image.open(os.path.join(miniature, "sequences", row["key"] + ".png")))
+        assert np.array_equal(decode_rgb(row["image"]), source)
+    row = rows[0]
     assert (row["height"], row["width"]) == (256, 448)
 
 
@@ -232,7 +239,7 @@ def test_corrupt_row_is_skipped_and_counted(shards, miniature, tmp_path):
     path = os.path.join(dst, shard.path)
     row = pq.read_table(path).slice(0, 1).to_pylist()[0]
     data = open(path, "rb").read()
-    at = data.index(row["png"]) + len(row["png"]) // 2  # inside the image data, same file size
+    at = data.index(row["image"]) + len(row["image"]) // 2  # inside the image data, same file size
     with open(path, "r+b") as f:
         f.seek(at)
         f.write(b"\xff" * 64)
@@ -245,6 +252,7 @@ def test_corrupt_row_is_skipped_and_counted(shards, miniature, tmp_path):
     stats = [s.stats() for s in streams]
     assert sum(s["skipped_rows"] for s in stats) == 1
     assert [k for s in stats for k, _ in s["skipped"]] == [row["key"]]
+    assert "CRC-32 mismatch" in [r for s in stats for _, r in s["skipped"]][0]
     # With equal steps, the rank that lost a row still yields as many batches as the other.
     even = two_ranks(dst)
     steps = even[0].steps_this_epoch()
@@ -283,7 +291,7 @@ def test_validation_batches_are_center_crops_of_the_test_split(shards, miniature
     assert [len(b) for b in batches] == [5, 5, 4] and stats["skipped_rows"] == 0
     first_key = Manifest.load(shards).shards_for("test")[0]
     row = pq.read_table(os.path.join(shards, first_key.path)).slice(0, 1).to_pylist()[0]
-    img = np.asarray(Image.open(io.BytesIO(row["png"])))
+    img = decode_rgb(row["image"])
     center = img[(256 - 64) // 2 : (256 + 64) // 2, (448 - 64) // 2 : (448 + 64) // 2]
     assert np.allclose(batches[0][0].permute(1, 2, 0).numpy() * 255, center, atol=1e-3)
     assert batches[0].is_contiguous() and batches[0].dtype == torch.float32
@@ -373,10 +381,62 @@ def test_triplet_layout_is_read_from_its_lists(tmp_path):
     assert len(scan.frames) == 9 and not scan.report
 
 
-def test_png_decoders_agree(miniature):
-    from compresszoo.data.images import BadImage, decode_rgb
+def test_png_codec_keeps_the_source_bytes_and_gives_the_same_crops(ray_session, miniature, shards, tmp_path):
+    dst = str(tmp_path / "png-shards")
+    manifest = prepare(miniature, dst, progress=False, codec="png", **PARAMS)
+    assert json.loads(open(os.path.join(dst, "_manifest.json")).read())["codec"] == "png"
+    for row in pq.read_table(os.path.join(dst, manifest.shards[0].path)).to_pylist():
+        assert row["image"] == open(os.path.join(miniature, "sequences", row["key"] + ".png"), "rb").read()
+        assert row["crc32"] == zlib.crc32(row["image"])
+    # The same frames through either codec give the same crops, bit for bit.
+    png = list(validation_batches(dst, crop=64, batch_size=5, task_cpus=0.5))
+    qoi = list(validation_batches(shards, crop=64, batch_size=5, task_cpus=0.5))
+    assert len(png) == len(qoi) == 3 and all(torch.equal(a, b) for a, b in zip(png, qoi))
+    with pytest.raises(ValueError, match="codec='jpeg': choose one of qoi, png"):
+        prepare(miniature, str(tmp_path / "x"), progress=False, codec="jpeg")
 
-    pytest.importorskip("imagecodecs")
+
+def test_qoi_frames_are_checked_before_and_while_decoding(miniature, tmp_path):
+    img = np.asarray(Image.open(os.path.join(miniature, "sequences/00001/0001/im1.png")))
+    data = encode_qoi(img)
+    assert np.array_equal(decode_rgb(data), img) and len(data) < img.nbytes
+    rgba = bytearray(data)
+    rgba[12] = 4
+    huge = bytearray(data)
+    huge[4:12] = (60000).to_bytes(4, "big") * 2
+    for bad, kind, match in [(data[:-3], "unreadable", "truncated"), (data[:9], "unreadable", "shorter than"),
+                             (bytes(rgba), "not_rgb", "4 channels"), (bytes(huge), "unreadable", "pixels")]:
+        with pytest.raises(BadImage, match=match) as e:
+            decode_rgb(bad)
+        assert e.value.kind == kind
+    # Mutated, truncated and random QOI bytes in a child process: it survives, every failure
+    # is a BadImage (flips inside the pixel data may decode: the reader's CRC-32 catches those).
+    (tmp_path / "f.qoi").write_bytes(data)
+    script = f"""
+import random
+from compresszoo.data.images import BadImage, decode_rgb
+good = open({str(tmp_path / "f.qoi")!r}, "rb").read()
+rng, failed = random.Random(0), 0
+for i in range(3000):
+    b = bytearray(good)
+    if i % 3 == 0:
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    elif i % 3 == 1:
+        b = b[:rng.randrange(len(b))]
+    else:
+        b = b"qoif" + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 3000)))
+    try:
+        decode_rgb(bytes(b))
+    except BadImage:
+        failed += 1
+print(failed)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= 2000  # truncations and random bytes all fail
+
+def test_png_decoders_agree(miniature):
     data = open(os.path.join(miniature, "sequences/00001/0001/im1.png"), "rb").read()
     assert np.array_equal(decode_rgb(data, "spng"), decode_rgb(data, "pillow"))
     gray = io.BytesIO()

@@ -16,16 +16,22 @@ import pyarrow as pa
 from compresszoo import storage
 
 FORMAT = "compresszoo.vimeo90k-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "_manifest.json"
+# How frames are stored: "qoi" re-encodes each PNG losslessly as QOI (decodes ~3.5x faster
+# than PNG, ~15% larger; pixels verified equal when sharding); "png" keeps the source bytes.
+CODECS = ("qoi", "png")
+DEFAULT_CODEC = "qoi"
 
-# One row per frame. The PNG bytes are stored exactly as read (already deflated, so the
-# column is written uncompressed); height/width let readers plan crops without decoding.
+# One row per frame: the encoded image (already compressed, so the column is written
+# uncompressed), the CRC-32 of those bytes (QOI has no checksum of its own: a changed byte
+# must not decode into a wrong image), and height/width to plan crops without decoding.
 SHARD_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("split", pa.string()),
-        ("png", pa.binary()),
+        ("image", pa.binary()),
+        ("crc32", pa.uint32()),
         ("height", pa.int32()),
         ("width", pa.int32()),
     ]
@@ -67,6 +73,7 @@ class Manifest:
     source: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     bad_input: dict = field(default_factory=dict)
+    codec: str = DEFAULT_CODEC
 
     def shard_uri(self, shard: ShardInfo) -> str:
         return storage.join(self.root, shard.path)
@@ -88,6 +95,7 @@ class Manifest:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "tuplet": self.tuplet,
+            "codec": self.codec,
             "splits": splits,
             "source": self.source,
             "params": self.params,
@@ -125,6 +133,7 @@ class Manifest:
             source=doc.get("source", {}),
             params=doc.get("params", {}),
             bad_input=doc.get("bad_input", {}),
+            codec=doc.get("codec", ""),
         )
 
 

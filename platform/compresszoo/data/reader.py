@@ -44,8 +44,8 @@ at once, default: as many as fit), outside the training process: leave the clust
 them beyond what the Train workers reserve. Nothing here prints or writes: every rank may
 create its stream.
 
-Bad data. A row that does not decode as RGB, or is smaller than the crop, is skipped and
-counted (stats()). A shard that is missing, has the wrong size, or is not valid Parquet
+Bad data. A row whose bytes fail their CRC-32, that does not decode as RGB, or is smaller
+than the crop, is skipped and counted (stats()). A shard that is missing, has the wrong size, or is not valid Parquet
 raises ShardError naming it, at construction (missing/size, one listing) or when read.
 """
 
@@ -143,8 +143,11 @@ def _decode_fragments(batch: dict, *, crop: int, mode: str, seed: int, epoch: in
         ok = np.ones(len(keys), bool)
         errors = [""] * len(keys)
         rng = np.random.default_rng([seed, epoch, int(fid)])
-        for i, data in enumerate(table.column("png").to_pylist()):
+        crcs = table.column("crc32").to_pylist()
+        for i, data in enumerate(table.column("image").to_pylist()):
             try:
+                if zlib.crc32(data) != crcs[i]:
+                    raise BadImage("unreadable", "CRC-32 mismatch: the stored bytes changed after sharding")
                 img = decode_rgb(data)
                 h, w, _ = img.shape
                 if h < crop or w < crop:
@@ -172,7 +175,7 @@ def _read_row_group(frag: _Fragment):
         with fs.open_input_file(path) as f:
             if f.size() != frag.size:
                 raise ShardError(_shard_message(frag.uri, f"has {f.size()} bytes", frag))
-            table = pq.ParquetFile(f).read_row_group(frag.row_group, columns=["key", "png"])
+            table = pq.ParquetFile(f).read_row_group(frag.row_group, columns=["key", "image", "crc32"])
     except ShardError:
         raise
     except FileNotFoundError:

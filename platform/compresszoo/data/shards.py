@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from compresszoo import storage
-from compresszoo.data.images import BadImage, decode_rgb
-from compresszoo.data.manifest import SHARD_SCHEMA, Manifest, ShardInfo, manifest_uri
+from compresszoo.data.images import BadImage, decode_rgb, encode_qoi
+from compresszoo.data.manifest import (
+    CODECS,
+    DEFAULT_CODEC,
+    SHARD_SCHEMA,
+    Manifest,
+    ShardInfo,
+    manifest_uri,
+)
 from compresszoo.data.report import BadInputError, BadInputReport
 from compresszoo.data.vimeo import SPLITS, Frame, scan_source
 
@@ -108,7 +116,7 @@ def _load_record(uri: str) -> dict | None:
         return None
 
 
-def build_shard(plan: ShardPlan, src: str, dst: str) -> dict:
+def build_shard(plan: ShardPlan, src: str, dst: str, codec: str = DEFAULT_CODEC) -> dict:
     """Keep the shard `plan` describes if it is already complete, else (re)write it.
 
     Returns its record: {"fingerprint", "shard": ShardInfo json, "bad": [[category, key,
@@ -116,7 +124,7 @@ def build_shard(plan: ShardPlan, src: str, dst: str) -> dict:
     """
     shard_uri = storage.join(dst, plan.name)
     record_uri = storage.join(dst, PARTS_DIR, plan.name + ".json")
-    fingerprint = plan.fingerprint()
+    fingerprint = hashlib.sha256(f"{plan.fingerprint()}|{codec}".encode()).hexdigest()
     record = _load_record(record_uri)
     if record and record.get("fingerprint") == fingerprint:
         found = _sha256(shard_uri)
@@ -130,26 +138,30 @@ def build_shard(plan: ShardPlan, src: str, dst: str) -> dict:
         with pq.ParquetWriter(
             tmp,
             SHARD_SCHEMA,
-            compression={"key": "zstd", "split": "zstd", "png": "none", "height": "zstd", "width": "zstd"},
+            compression={"key": "zstd", "split": "zstd", "image": "none", "crc32": "zstd",
+                         "height": "zstd", "width": "zstd"},
             use_dictionary=["split"],
-            # min/max statistics of a PNG column would copy whole images into the footer.
+            # min/max statistics of an image column would copy whole images into the footer.
             write_statistics=["key"],
         ) as writer:
             start = 0
             for n in plan.row_groups:
-                cols: dict[str, list] = {"key": [], "split": [], "png": [], "height": [], "width": []}
+                cols: dict[str, list] = {k: [] for k in SHARD_SCHEMA.names}
                 for frame in plan.frames[start : start + n]:
                     try:
                         with src_fs.open_input_stream(frame.source_path(src_root)) as f:
                             data = f.read()
-                        h, w, _ = decode_rgb(data).shape
+                        img = decode_rgb(data)
+                        h, w, _ = img.shape
+                        if codec == "qoi":
+                            data = encode_qoi(img)
                     except FileNotFoundError:
                         bad.append(["missing", frame.key, "vanished after the source was listed"])
                         continue
                     except BadImage as e:
                         bad.append([e.kind, frame.key, str(e)])
                         continue
-                    for col, value in zip(cols, (frame.key, frame.split, data, h, w)):
+                    for col, value in zip(cols, (frame.key, frame.split, data, zlib.crc32(data), h, w)):
                         cols[col].append(value)
                 start += n
                 if cols["key"]:
@@ -201,15 +213,20 @@ def prepare(
     max_parallel: int | None = None,
     task_cpus: float = 1.0,
     progress: bool = True,
+    codec: str = DEFAULT_CODEC,
 ) -> Manifest:
     """Shard the Vimeo90K folder `src` into `dst` (local or s3://); return the manifest.
 
+    codec: how frames are stored, 'qoi' (lossless re-encoding, fast to decode) or 'png'
+    (the source bytes as they are); see manifest.CODECS.
     on_bad: 'skip' leaves bad frames and list lines out and names them in the manifest;
     'fail' raises BadInputError naming them. Uses the running Ray cluster, or starts a
     local one. Rerunning after a crash resumes (see module docstring).
     """
     import ray
 
+    if codec not in CODECS:
+        raise ValueError(f"codec={codec!r}: choose one of {', '.join(CODECS)}")
     scan = scan_source(src, tuplet)
     scan.report.check(on_bad)
     plans = plan_shards(
@@ -236,7 +253,7 @@ def prepare(
         while queue or pending:
             while queue and len(pending) < limit:
                 plan = queue.pop(0)
-                pending[remote.remote(plan, src, dst)] = plan.name
+                pending[remote.remote(plan, src, dst, codec)] = plan.name
             ready, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(ready[0])
             record = ray.get(ready[0])
@@ -266,8 +283,10 @@ def prepare(
             "row_group_mb": row_group_mb,
             "shuffle_seed": shuffle_seed,
             "on_bad": on_bad,
+            "codec": codec,
         },
         bad_input=report.to_json(),
+        codec=codec,
     )
     manifest.save()
     if progress:

@@ -1,7 +1,7 @@
 """Training-crop throughput: Parquet shards + Ray Data (TrainStream) against the reference pipeline
 (compressai ImageFolder + RandomCrop + ToTensor + torch DataLoader over the same frames as loose PNGs).
 
-    python benchmarks/bench_data.py [--sizes 1024 4096] [--workers 2] [--repeat 2] [--only ours_spng]
+    python benchmarks/bench_data.py [--sizes 1024 4096] [--workers 2] [--repeat 2] [--only ours_qoi]
 
 Each pipeline runs in a fresh process with the same number of worker processes (one per
 core): 192 crops to warm up (workers started, imports done), then one whole epoch timed, its
@@ -11,8 +11,9 @@ start cancelled out (an epoch of Vimeo90K is minutes long, so that is what train
 CPU-second (crops/s of one fully busy core; CPU time is robust when other jobs share the
 machine, wall time is not), for the pipeline's own processes and with Ray's daemons; wall
 crops/s and the load average; peak memory (PSS, so shared pages count once) of all processes
-and of the pipeline's own; shard size and bytes per frame. Ours runs with both PNG decoders
-(libspng via imagecodecs, and Pillow, the reference's decoder). The frames are 448x256
+and of the pipeline's own; shard size and bytes per frame. Ours runs on QOI shards (the
+default) and on PNG shards with both PNG decoders (libspng via imagecodecs, and Pillow, the
+reference's decoder). The frames are 448x256
 photographs from the miniature generator, repeated to reach each size.
 """
 
@@ -202,10 +203,11 @@ def measure(kind: str, path: str, args, decoder: str = "auto") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-PIPELINES = {
-    "ours_spng": ("ours", "spng", "shards + Ray Data, libspng decode"),
-    "ours_pillow": ("ours", "pillow", "shards + Ray Data, Pillow decode"),
-    "reference": ("reference", "auto", "reference: ImageFolder + RandomCrop + DataLoader"),
+PIPELINES = {  # key: (kind, PNG decoder, shard codec, label)
+    "ours_qoi": ("ours", "auto", "qoi", "QOI shards + Ray Data (default)"),
+    "ours_spng": ("ours", "spng", "png", "PNG shards + Ray Data, libspng decode"),
+    "ours_pillow": ("ours", "pillow", "png", "PNG shards + Ray Data, Pillow decode"),
+    "reference": ("reference", "auto", None, "reference: ImageFolder + RandomCrop + DataLoader"),
 }
 
 
@@ -241,17 +243,19 @@ def main() -> None:
             folder = os.path.join(work, "imagefolder")
             build_imagefolder(folder, base, frames)
             src = build_vimeo(os.path.join(work, "vimeo"), base, frames)
-            dst = os.path.join(work, "shards")
-            ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-            prepare(src, dst, shard_size_mb=args.shard_size_mb, progress=False)
-            ray.shutdown()
-            train = Manifest.load(dst).shards_for("train")
             chosen = [k for k in PIPELINES if k in args.only or k == "reference"]
+            dsts, train = {}, {}
+            ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+            for codec in sorted({PIPELINES[k][2] for k in chosen} - {None}):
+                dsts[codec] = os.path.join(work, f"shards-{codec}")
+                prepare(src, dsts[codec], shard_size_mb=args.shard_size_mb, progress=False, codec=codec)
+                train[codec] = Manifest.load(dsts[codec]).shards_for("train")
+            ray.shutdown()
             runs: dict[str, list[dict]] = {k: [] for k in chosen}
             for _ in range(args.repeat):  # interleaved, so that load from other jobs hits all alike
                 for key in chosen:
-                    kind, decoder, _ = PIPELINES[key]
-                    runs[key].append(measure(kind, folder if kind == "reference" else dst, args, decoder))
+                    kind, decoder, codec, _ = PIPELINES[key]
+                    runs[key].append(measure(kind, folder if kind == "reference" else dsts[codec], args, decoder))
             rows.append((frames, train, {k: _median(v) for k, v in runs.items()}))
             print(f"done {frames} frames", file=sys.stderr)
     finally:
@@ -275,12 +279,15 @@ def report(rows, args) -> None:
     print("| frames | pipeline | crops per CPU-s (work) | crops per CPU-s (incl. Ray daemons) | crops/s wall | "
           "load avg | first batch | peak memory, all (PSS) | of which pipeline processes | shards x size | bytes/frame |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
-    for frames, train, results in rows:
-        n_bytes = sum(s.bytes for s in train)
-        per_frame = n_bytes / max(1, sum(s.rows for s in train))
+    for frames, trains, results in rows:
         for key, r in results.items():
-            shape = f"{len(train)} x {n_bytes / len(train) / mb:.1f} MB" if key != "reference" else "loose PNG files"
-            print(f"| {frames} | {PIPELINES[key][2]} | {r['crops'] / r['work']:.0f} | "
+            codec = PIPELINES[key][2]
+            # The reference reads the PNG files themselves: the PNG shards' bytes per frame.
+            train = trains.get(codec or "png") or next(iter(trains.values()))
+            n_bytes = sum(s.bytes for s in train)
+            per_frame = n_bytes / max(1, sum(s.rows for s in train))
+            shape = f"{len(train)} x {n_bytes / len(train) / mb:.1f} MB" if codec else "loose PNG files"
+            print(f"| {frames} | {PIPELINES[key][3]} | {r['crops'] / r['work']:.0f} | "
                   f"{r['crops'] / (r['work'] + r['daemons']):.0f} | {r['crops'] / r['wall']:.0f} | {r['load']:.1f} | "
                   f"{r['first_batch_s']:.1f} s | "
                   f"{r['peak'] / mb:.0f} MB | {r['peak_work'] / mb:.0f} MB | {shape} | {per_frame:.0f} |")
@@ -292,7 +299,7 @@ def report(rows, args) -> None:
             r = results[key]
             work = (r["crops"] / r["work"]) / (ref["crops"] / ref["work"])
             total = (r["crops"] / (r["work"] + r["daemons"])) / (ref["crops"] / (ref["work"] + ref["daemons"]))
-            print(f"| {frames} | {PIPELINES[key][2]} | {work:.2f}x | {total:.2f}x | >= 1.5x |")
+            print(f"| {frames} | {PIPELINES[key][3]} | {work:.2f}x | {total:.2f}x | >= 1.5x |")
     if len(rows) >= 2:
         (small, _, a), (big, _, b) = rows[0], rows[-1]
         print(f"\nSteady state, marginal cost between {small} and {big} frames (the per-epoch start cancels out):\n")
@@ -306,7 +313,7 @@ def report(rows, args) -> None:
         for key in a:
             w, t = marginal(key, False), marginal(key, True)
             rw, rt = w / marginal("reference", False), t / marginal("reference", True)
-            print(f"| {PIPELINES[key][2]} | {w:.0f} | {t:.0f} | {rw:.2f}x | {rt:.2f}x |")
+            print(f"| {PIPELINES[key][3]} | {w:.0f} | {t:.0f} | {rw:.2f}x | {rt:.2f}x |")
 
 
 if __name__ == "__main__":

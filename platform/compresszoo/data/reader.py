@@ -45,8 +45,9 @@ them beyond what the Train workers reserve. Nothing here prints or writes: every
 create its stream.
 
 Bad data. A row whose bytes fail their CRC-32, that does not decode as RGB, or is smaller
-than the crop, is skipped and counted (stats()). A shard that is missing, has the wrong size, or is not valid Parquet
-raises ShardError naming it, at construction (missing/size, one listing) or when read.
+than the crop, is skipped and counted (stats()). A shard that is missing, has the wrong
+size, or is not valid Parquet raises ShardError naming it, at construction (missing/size,
+one listing) or when read.
 """
 
 from __future__ import annotations

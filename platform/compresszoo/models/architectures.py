@@ -284,7 +284,7 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         return encoder.flush(), y_hat
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _wavefronts(H: int, W: int, k: int, device: torch.device) -> tuple:
     """Per wavefront t = 3h + w: (positions in the H*W grid, their centres in the padded
     grid, the gather index of their 5x5 crops laid side by side as a (k, P*k) strip)."""

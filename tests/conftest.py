@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
@@ -79,3 +80,14 @@ def miniature(tmp_path_factory):
     from compresszoo.data import make_miniature
 
     return make_miniature(str(tmp_path_factory.mktemp("vimeo_mini")), sequences=8, test_sequences=2)
+
+
+@pytest.fixture(scope="session")
+def cluster_local():
+    """cluster/local.py as a module (cluster/ is scripts, not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster", "local.py")
+    spec = importlib.util.spec_from_file_location("compresszoo_cluster_local", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ all down. Plus a two-node Ray cluster on this machine training with workers on b
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -29,15 +28,6 @@ REGISTRY_NAME = "bmshj2018-factorized-mse-q8-N8-M12"  # the smoke recipe's debug
 STEPS = 30  # checkpoints (and validations) at 15 and 30
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local cluster scripts target Linux")
-
-
-def _local():
-    """cluster/local.py as a module (cluster/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("compresszoo_cluster_local_e2e", ROOT / "cluster" / "local.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _read_env_file(path: Path) -> dict:
@@ -235,11 +225,11 @@ def test_no_secret_in_job_logs_or_mlflow(cluster, job):
             assert secret not in text, f"a credential leaked into text #{i}"
 
 
-def test_down_leaves_nothing_behind(cluster):
+def test_down_leaves_nothing_behind(cluster, cluster_local):
     """Last of the cluster tests (pytest keeps file order)."""
     import psutil
 
-    local = _local()
+    local = cluster_local
     state = cluster["state"]
     before = [p.pid for p in local._cluster_processes(state)]
     assert before

@@ -4,7 +4,6 @@ submitted with nothing but the env file (token auth on), and nothing left behind
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import shutil
@@ -23,15 +22,6 @@ BIN = Path(sys.executable).parent
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local cluster scripts target Linux")
-
-
-def _local():
-    """cluster/local.py as a module (cluster/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("compresszoo_cluster_local", ROOT / "cluster" / "local.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
@@ -115,8 +105,8 @@ def _listeners(pids: list[int]) -> list[tuple[int, str, str, int]]:
     return out
 
 
-def test_every_service_listens_on_loopback_only(cluster):
-    local = _local()
+def test_every_service_listens_on_loopback_only(cluster, cluster_local):
+    local = cluster_local
     state = cluster["state"]
     procs = local._cluster_processes(state)
     listeners = _listeners([p.pid for p in procs])
@@ -224,11 +214,11 @@ def test_wheel_reaches_workers_through_py_modules(cluster, tmp_path):
     assert "working_dir_files" not in stdlib and str(ROOT) not in stdlib
 
 
-def test_down_leaves_nothing_behind(cluster):
+def test_down_leaves_nothing_behind(cluster, cluster_local):
     """Runs last in this module (pytest keeps file order): down, then nothing answers."""
     import psutil
 
-    local = _local()
+    local = cluster_local
     state = cluster["state"]
     before = [p.pid for p in local._cluster_processes(state)]
     assert before

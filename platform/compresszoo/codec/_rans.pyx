@@ -26,6 +26,8 @@ cdef enum:
     MAX_CHUNKS = 8
     GUIDE_SHIFT = 8  # 65536 >> 8 = 256 guide buckets per table
     GUIDE_SIZE = 256
+    NO_ESCAPE = -1  # _escape(): the value is inside its table
+    NOT_CODABLE = -2  # _escape(): too far outside for 32 bits
 
 cdef enum:
     ERR_INDEX = 1  # an index outside [0, n_tables)
@@ -91,6 +93,22 @@ cdef inline int _n_chunks(uint64_t raw) noexcept nogil:
     while (raw >> (BYPASS_BITS * n)) != 0:
         n += 1
     return n
+
+
+cdef inline int _escape(int64_t *value, int32_t maxv, uint64_t *raw) noexcept nogil:
+    """A value outside [0, maxv) goes to the tail bin: sets *raw (zigzag distance), sets
+    *value = maxv and returns its number of bypass chunks (0 or more). Returns NO_ESCAPE
+    when the value is in range and NOT_CODABLE when it is too far out for 32 bits."""
+    if value[0] >= 0 and value[0] < maxv:
+        return NO_ESCAPE
+    if value[0] < 0:
+        raw[0] = <uint64_t> (-2 * value[0] - 1)
+    else:
+        raw[0] = <uint64_t> (2 * (value[0] - maxv))
+    if raw[0] > 0xFFFFFFFFu:
+        return NOT_CODABLE
+    value[0] = maxv
+    return _n_chunks(raw[0])
 
 
 cdef object _finish_out(OutBuf *out, uint64_t state):
@@ -179,22 +197,17 @@ def encode(const int32_t[::1] symbols, const int32_t[::1] indexes,
             row = &cdfs[t, 0]
             maxv = lengths[t] - 2
             value = <int64_t> symbols[i] - offsets[t]
-            if value < 0 or value >= maxv:
-                if value < 0:
-                    raw = <uint64_t> (-2 * value - 1)
-                else:
-                    raw = <uint64_t> (2 * (value - maxv))
-                if raw > 0xFFFFFFFFu:
-                    err = ERR_RANGE
-                    break
-                nb = _n_chunks(raw)
+            nb = _escape(&value, maxv, &raw)
+            if nb == NOT_CODABLE:
+                err = ERR_RANGE
+                break
+            if nb != NO_ESCAPE:
                 for j in range(nb - 1, -1, -1):
                     err |= _put_bits(&state, &out, (raw >> (BYPASS_BITS * j)) & BYPASS_MASK)
                 # nb <= 8 < 15, so the chunk count is always a single chunk.
                 err |= _put_bits(&state, &out, nb)
                 if err:
                     break
-                value = maxv
             err = _put(&state, &out, row[value], row[value + 1] - row[value])
             if err:
                 break
@@ -236,23 +249,15 @@ def buffer_symbols(const int32_t[::1] symbols, const int32_t[::1] indexes,
             row = &cdfs[t, 0]
             maxv = lengths[t] - 2
             value = <int64_t> symbols[i] - offsets[t]
-            raw = 0
-            nb = -1
-            if value < 0 or value >= maxv:
-                if value < 0:
-                    raw = <uint64_t> (-2 * value - 1)
-                else:
-                    raw = <uint64_t> (2 * (value - maxv))
-                if raw > 0xFFFFFFFFu:
-                    err = ERR_RANGE
-                    break
-                nb = _n_chunks(raw)
-                value = maxv
+            nb = _escape(&value, maxv, &raw)
+            if nb == NOT_CODABLE:
+                err = ERR_RANGE
+                break
             starts[size] = <uint16_t> row[value]
             freqs[size] = <uint32_t> (row[value + 1] - row[value])
             bypass[size] = 0
             size += 1
-            if nb >= 0:
+            if nb != NO_ESCAPE:
                 starts[size] = <uint16_t> nb
                 freqs[size] = 1
                 bypass[size] = 1

@@ -131,11 +131,8 @@ def _coding_error(code: int, position: int, what: str) -> ValueError:
     )
 
 
-# --------------------------------------------------------------------------- one shot
-
-
-def encode(symbols, indexes, cdfs, cdf_lengths, offsets) -> bytes:
-    """rANS-encode `symbols`, each under CDF row `indexes[i]`; returns the stream."""
+def _encoder_inputs(symbols, indexes, cdfs, cdf_lengths, offsets):
+    """Checked int32 arrays for the encoder: (symbols, indexes, cdfs, lengths, offsets)."""
     table, lengths, offs = _tables(cdfs, cdf_lengths, offsets)
     syms = _int32_1d(symbols, "symbols")
     idx = _indexes(indexes, table.shape[0])
@@ -143,6 +140,15 @@ def encode(symbols, indexes, cdfs, cdf_lengths, offsets) -> bytes:
         raise ValueError(
             f"symbols/indexes: sizes differ ({syms.size} vs {idx.size}); one index per symbol"
         )
+    return syms, idx, table, lengths, offs
+
+
+# --------------------------------------------------------------------------- one shot
+
+
+def encode(symbols, indexes, cdfs, cdf_lengths, offsets) -> bytes:
+    """rANS-encode `symbols`, each under CDF row `indexes[i]`; returns the stream."""
+    syms, idx, table, lengths, offs = _encoder_inputs(symbols, indexes, cdfs, cdf_lengths, offsets)
     err, pos, data = _ext().encode(syms, idx, table, lengths, offs)
     if err:
         raise _coding_error(err, pos, "encode")
@@ -183,13 +189,7 @@ class RansEncoder:
             setattr(self, name, new)
 
     def encode_with_indexes(self, symbols, indexes, cdfs, cdf_lengths, offsets) -> None:
-        table, lengths, offs = _tables(cdfs, cdf_lengths, offsets)
-        syms = _int32_1d(symbols, "symbols")
-        idx = _indexes(indexes, table.shape[0])
-        if syms.shape != idx.shape:
-            raise ValueError(
-                f"symbols/indexes: sizes differ ({syms.size} vs {idx.size}); one index per symbol"
-            )
+        syms, idx, table, lengths, offs = _encoder_inputs(symbols, indexes, cdfs, cdf_lengths, offsets)
         ext = _ext()
         size, first = self._size, 0
         while True:

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compresszoo-installed
 EXT_STAMP := $(VENV)/.compresszoo-ext-built
-PYX := $(wildcard platform/compresszoo/codec/*.pyx)
+PYX := $(wildcard platform/compresszoo/ans/*.pyx)
 
 .PHONY: install build test lint demo bench clean
 
@@ -46,4 +46,4 @@ demo: build
 	$(PY) -m compresszoo.cli decode demo/astronaut.czoo -o demo/astronaut_decoded.png --model $(DEMO_MODEL)
 
 clean:
-	rm -rf build platform/compresszoo/codec/*.so platform/compresszoo/codec/_rans.c $(EXT_STAMP)
+	rm -rf build platform/compresszoo/ans/*.so platform/compresszoo/ans/_rans.c $(EXT_STAMP)

@@ -6,8 +6,8 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "compresszoo.codec._rans",
-        ["platform/compresszoo/codec/_rans.pyx"],
+        "compresszoo.ans._rans",
+        ["platform/compresszoo/ans/_rans.pyx"],
         include_dirs=[np.get_include()],
         extra_compile_args=["-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compresszoo.codec import rans
+from compresszoo.ans import rans
 
 SHAPE = (320, 48, 32)  # M x H/16 x W/16 for a 768x512 Kodak image
 

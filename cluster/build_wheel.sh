@@ -40,12 +40,12 @@ bad = sorted(t for t in tops if t != "compresszoo" and not t.endswith(".dist-inf
 if bad:
     sys.exit(f"build_wheel: {wheel} has top-level entries {bad}; only compresszoo belongs there "
              "(a top-level 'platform' would shadow the standard library)")
-if not any(n.startswith("compresszoo/codec/_rans") and n.endswith((".so", ".pyd")) for n in names):
-    sys.exit(f"build_wheel: {wheel} lacks the compiled compresszoo/codec/_rans extension; "
+if not any(n.startswith("compresszoo/ans/_rans") and n.endswith((".so", ".pyd")) for n in names):
+    sys.exit(f"build_wheel: {wheel} lacks the compiled compresszoo/ans/_rans extension; "
              "is Cython installed? (pip install 'cython>=3.0' numpy)")
 with tempfile.TemporaryDirectory() as tmp:
     zipfile.ZipFile(wheel).extractall(tmp)
-    code = ("import platform, compresszoo, compresszoo.codec._rans as r; "
+    code = ("import platform, compresszoo, compresszoo.ans._rans as r; "
             "assert compresszoo.__file__.startswith(sys.argv[1]), compresszoo.__file__; "
             "assert not platform.__file__.startswith(sys.argv[1]); platform.system(); print(r.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -8,7 +8,7 @@
 prefixed with FAMILY= to name its curve (default: "<architecture>-<metric>"). Every number comes
 from real files: model bitstreams (the .czoo container) and the classic codecs' files, decoded
 and rounded to 8 bits before PSNR and MS-SSIM (MS-SSIM only on images over 160 px a side).
-Curves are the Pareto fronts of their points; BD-rate and BD-PSNR use pchip (compresszoo.tune.rd).
+Curves are the Pareto fronts of their points; BD-rate and BD-PSNR use pchip (compresszoo.evaluate.rd).
 
 Writes to --out: report.json (everything), rd_table.csv and report.md (mean RD points and BD
 table), rd_images.csv (per image), rd_psnr.png and rd_ms_ssim.png (when MS-SSIM was measured).
@@ -41,7 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import numpy as np  # noqa: E402
 
-from compresszoo.tune import rd  # noqa: E402
+from compresszoo.evaluate import rd  # noqa: E402
 
 SCHEMA = "compresszoo.evaluate/1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pnm", ".avif"}

@@ -66,11 +66,13 @@ def test_round_trip_exact_latents_and_forward_match(models, name):
 
 @pytest.mark.parametrize("quality,debug", [(1, False), (5, False), (3, True)],
                          ids=["q1-M192", "q5-M320", "debug"])
-def test_mbt2018_decode_is_bit_identical_to_the_reference(quality, debug):
-    """Our wavefront decoder gives exactly the image the reference's raster decoder gives
-    (same weights, same thread count): every entropy parameter is computed with the same
-    arithmetic. Our latents do not depend on the thread count; the reference's do where MKL
-    splits its M=320 GEMVs across threads, so there it is compared on one thread only."""
+def test_mbt2018_decode_agrees_with_the_reference(quality, debug):
+    """Our wavefront decoder recovers exactly the symbols the reference's raster decoder
+    recovers from its own stream (same weights), and the decoded image agrees within float
+    noise. Pixels are not compared bit for bit: oneDNN and the BLAS pick kernels (and so
+    summation orders) per instruction set and thread count, so the reference's own x_hat
+    moves by ~4e-7 between an AVX-512 and an AVX2 machine. Our latents must not depend on
+    the thread count."""
     from compressai.models.google import JointAutoregressiveHierarchicalPriors as Ref
 
     saved = torch.get_num_threads()
@@ -84,6 +86,8 @@ def test_mbt2018_decode_is_bit_identical_to_the_reference(quality, debug):
         ours.update(force=True)
         ref = Ref(ours.N, ours.M).eval()
         ref.load_state_dict(ours.state_dict(), strict=True)
+        ref_y = []  # the reference's decoded latents, captured at the input of its g_s
+        ref.g_s.register_forward_pre_hook(lambda _m, args: ref_y.append(args[0].clone()))
         x = torch.stack([photo("astronaut", 128, 192), photo("coffee", 128, 192, 100, 200)])
         ref_x, outs = {}, {}
         with torch.no_grad():
@@ -98,9 +102,15 @@ def test_mbt2018_decode_is_bit_identical_to_the_reference(quality, debug):
     assert mine["y_hat"].abs().max() > 3 and (mine["y_hat"] != mine["y_hat"].round()).any()
     for out in outs.values():
         assert torch.equal(out["y_hat"], mine["y_hat"])
-    assert torch.equal(outs[1]["x_hat"], ref_x[1]), (outs[1]["x_hat"] - ref_x[1]).abs().max().item()
-    if ours.M != 320:
-        assert torch.equal(outs[2]["x_hat"], ref_x[2]), (outs[2]["x_hat"] - ref_x[2]).abs().max().item()
+    # y_hat = symbol + mean: symbols are integers, so a difference below 0.5 means every
+    # decoded symbol is the same; the means themselves may differ by float noise (~1e-6).
+    for y in ref_y:
+        assert (y - mine["y_hat"]).abs().max().item() < 1e-3
+    # 1e-4 is 1/40 of an 8-bit step; the float noise measured across CPUs is ~4e-7.
+    for threads in (1, 2):
+        gap = (outs[threads]["x_hat"] - ref_x[threads]).abs().max().item()
+        assert gap < 1e-4, (threads, gap)
+
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_full_size_model_round_trips_an_odd_sized_photo(name):

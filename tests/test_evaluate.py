@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from compresszoo.tune import rd
+from compresszoo.evaluate import rd
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = ROOT / "pipelines" / "evaluate.py"

@@ -201,7 +201,7 @@ def test_wheel_reaches_workers_through_py_modules(cluster, tmp_path):
     wheels = list(out.glob("compresszoo-*.whl"))
     assert len(wheels) == 1
     modules = out / "py_modules" / "compresszoo"
-    code = ("import platform, compresszoo.codec._rans as r; platform.system(); "
+    code = ("import platform, compresszoo.ans._rans as r; platform.system(); "
             "print('codec', r.__file__); print('stdlib', platform.__file__)")
     runtime_env = json.dumps({"py_modules": [str(modules)]})
     r = _with_env_file(cluster["env_sh"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compresszoo.codec import rans, rans_py
+from compresszoo.ans import rans, rans_py
 
 PLATFORM = str(Path(__file__).resolve().parents[1] / "platform")
 # Table lengths: the smallest useful table (one bin + escape) up to a 3000+ wide one.
@@ -282,7 +282,7 @@ def test_failed_decode_leaves_decoder_usable():
 
 
 def test_import_is_lazy_and_missing_build_says_how_to_build(monkeypatch):
-    code = "import sys, compresszoo.codec.rans; print('compresszoo.codec._rans' in sys.modules)"
+    code = "import sys, compresszoo.ans.rans; print('compresszoo.ans._rans' in sys.modules)"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -292,7 +292,7 @@ def test_import_is_lazy_and_missing_build_says_how_to_build(monkeypatch):
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
-    monkeypatch.setitem(sys.modules, "compresszoo.codec._rans", None)  # as if never built
+    monkeypatch.setitem(sys.modules, "compresszoo.ans._rans", None)  # as if never built
     monkeypatch.setattr(rans, "_ext_module", None)
     with pytest.raises(ImportError, match=r"not built; run `pip install -e \.`"):
         rans.encode([0], [0], [[0, 65536]], [2], [0])
@@ -304,7 +304,7 @@ FUZZ_CHILD = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from compresszoo.codec import rans
+    from compresszoo.ans import rans
 
     rng = np.random.default_rng(int(sys.argv[1]))
     counts = {"ok": 0, "ValueError": 0}

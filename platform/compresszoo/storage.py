@@ -163,3 +163,11 @@ def remove_stale_temporaries(uri: str | os.PathLike) -> int:
                 os.remove(os.path.join(path, name))
                 removed += 1
     return removed
+
+
+def ray_storage(uri: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig from a local path or s3:// URI."""
+    if is_remote(uri):
+        fs, path = resolve(uri)
+        return path, fs
+    return os.path.abspath(uri), None

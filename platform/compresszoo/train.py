@@ -249,16 +249,6 @@ class FitResult:
     val_loss: float
 
 
-def storage_for(uri: str):
-    """(storage_path, storage_filesystem) for Ray's RunConfig from a local path or s3:// URI."""
-    from . import storage
-
-    if storage.is_remote(uri):
-        fs, path = storage.resolve(uri)
-        return path, fs
-    return os.path.abspath(uri), None
-
-
 def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None = None,
         mlflow_parent_run_id: str | None = None) -> FitResult:
     """Train one model (resuming its run if it exists) and return its final checkpoint.
@@ -271,6 +261,7 @@ def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .storage import ray_storage
     from .tracking import find_or_create_run, provenance_tags
 
     cfg = cfg.resolved()
@@ -282,7 +273,7 @@ def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None 
     if mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = mlflow_parent_run_id
     run_id = find_or_create_run(cfg.tracking_uri, cfg.experiment, name, tags)
-    path, fs = storage_for(storage or cfg.storage)
+    path, fs = ray_storage(storage or cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "mlflow_run_id": run_id},

@@ -230,7 +230,7 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
             torch.set_num_threads(saved)
 
     def _wavefront_1t(self, params: Tensor, y: Tensor | None, data: bytes | None):
-        from ..codec import rans
+        from ..ans import rans
 
         gc = self.gaussian_conditional
         cdfs, lengths, offsets = gc.coding_tables()

@@ -147,7 +147,7 @@ class EntropyModel(nn.Module):
 
     def compress_symbols(self, symbols: Tensor, indexes: Tensor) -> list[bytes]:
         """One rANS stream per batch item."""
-        from ..codec import rans
+        from ..ans import rans
 
         cdfs, lengths, offsets = self.coding_tables()
         sym = symbols.detach().cpu().numpy().astype(np.int32, copy=False)
@@ -156,7 +156,7 @@ class EntropyModel(nn.Module):
                 for i in range(sym.shape[0])]
 
     def decompress_symbols(self, strings: list[bytes], indexes: Tensor) -> Tensor:
-        from ..codec import rans
+        from ..ans import rans
 
         if len(strings) != indexes.size(0):
             raise ValueError(f"got {len(strings)} streams for a batch of {indexes.size(0)}")

@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .rd import bd_summary, curve_from_points, pareto_front, plot_rd_curves
+from ..evaluate.rd import bd_summary, curve_from_points, pareto_front, plot_rd_curves
 
 REPORT_FILE, CONFIG_FILE, PARETO_PLOT = "report.json", "tuned_zoo.json", "pareto.png"
 RATE, QUALITY = "payload_bpp", "psnr"  # every RD point: the coder's real payload, decoded PSNR
@@ -166,7 +166,7 @@ def write_report(report: dict, out_dir: str | Path, *, metric: str = "mse") -> d
     front = report["pareto_front"]
     curves = []
     if len(front) >= 2:
-        from .rd import RDCurve
+        from ..evaluate.rd import RDCurve
 
         curves = [RDCurve("Pareto front", [p[RATE] for p in front], [p[QUALITY] for p in front])]
     scatter = [(arch, [r[RATE] for r in pts if r["architecture"] == arch],
@@ -185,7 +185,7 @@ def write_report(report: dict, out_dir: str | Path, *, metric: str = "mse") -> d
 
 
 def _as_rd(view: dict):
-    from .rd import RDCurve
+    from ..evaluate.rd import RDCurve
 
     c = view.get("curve")
     return None if c is None else RDCurve(view["label"], c["rate"], c["quality"])

@@ -345,7 +345,7 @@ def run_sweep(sc: SweepConfig, *, resume: bool = False, report_dir: str | os.Pat
     from ray import tune
 
     from .. import storage
-    from ..train import storage_for
+    from ..storage import ray_storage as storage_for
 
     sweep_file = storage.join(sc.uri, SWEEP_FILE)
     sc = settings_for(sc, resume=resume)
@@ -519,7 +519,7 @@ def trial_states(sc_or_uri) -> dict[str, dict]:
     progress from its storage alone (what a resume will find)."""
     from ray.tune import ExperimentAnalysis
 
-    from ..train import storage_for
+    from ..storage import ray_storage as storage_for
 
     if isinstance(sc_or_uri, SweepConfig):
         root_path, fs = storage_for(sc_or_uri.storage)

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Compiled rANS kernels: 64-bit state, 32-bit words, 16-bit CDFs, 4-bit bypass escape.
 
-Byte-compatible with CompressAI's `compressai.ans`. compresszoo.codec.rans validates
+Byte-compatible with CompressAI's `compressai.ans`. compresszoo.ans.rans validates
 inputs; tables must pass check_tables before encode/decode, which then check every
 index and stream position themselves and return error codes instead of crashing.
 """

@@ -31,7 +31,7 @@ def _ext():
     global _ext_module
     if _ext_module is None:
         try:
-            _ext_module = importlib.import_module("compresszoo.codec._rans")
+            _ext_module = importlib.import_module("compresszoo.ans._rans")
         except ImportError as exc:
             raise ImportError(f"{_BUILD_HINT} (import said: {exc})") from None
     return _ext_module
@@ -77,7 +77,7 @@ def _tables(cdfs, cdf_lengths, offsets):
     if table.ndim != 2:
         raise ValueError(
             f"cdfs: expected a 2-D array (one padded row per table), got shape {table.shape}; "
-            "stack the rows with compresszoo.codec.rans.pad_cdfs"
+            "stack the rows with compresszoo.ans.rans.pad_cdfs"
         )
     if table.size and table.dtype != np.int32:
         if table.dtype.kind not in "iu" or table.min() < -(2**31) or table.max() >= 2**31:

@@ -1,4 +1,4 @@
-"""Slow pure-Python twin of compresszoo.codec.rans, written for reading, not speed.
+"""Slow pure-Python twin of compresszoo.ans.rans, written for reading, not speed.
 
 Tests use it as a second oracle: same arguments, same bytes, same ValueErrors.
 """

@@ -25,7 +25,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "platform"))
 
-from compresszoo.config import RECIPES, resolve_tracking_uri  # noqa: E402
+from compresszoo.config import RECIPES  # noqa: E402
+from compresszoo.tracking import resolve_tracking_uri  # noqa: E402
 from compresszoo.models.registry import ARCHITECTURES  # noqa: E402
 
 

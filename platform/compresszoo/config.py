@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, fields
 
 from .models.registry import ModelSpec, model_spec
+from .tracking import resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -149,16 +150,6 @@ def _coerce(key: str, value: str, typ) -> object:
     except ValueError:
         raise ValueError(f"{key}={value!r}: expected {typ}") from None
     return value
-
-
-def resolve_tracking_uri(uri: str = "") -> str:
-    """Explicit MLflow URI: the argument, else MLFLOW_TRACKING_URI, else ./mlflow.db (absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        return f"sqlite:///{os.path.abspath('mlflow.db')}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
-    return uri
 
 
 # -- recipes ------------------------------------------------------------------------

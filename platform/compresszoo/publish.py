@@ -10,9 +10,8 @@ from pathlib import Path
 from .codec.gate import GateThresholds, validate_bitrate
 from .config import TrainConfig
 from .data.manifest import Manifest, manifest_uri
-from .models.io import load_weights
+from .models.io import WEIGHTS_FILE, load_weights
 from .tracking import MlflowLogger
-from .train import WEIGHTS_FILE
 
 
 def manifest_sha(data_uri: str) -> str:
@@ -36,20 +35,30 @@ def held_out_images(cfg: TrainConfig) -> list:
     return images
 
 
+def measure_and_log(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps: int,
+                    images: list | None = None):
+    """The one gate path: load the checkpoint's weights, build the tables, compress the
+    held-out images for real (default: held_out_images(cfg)) and log the report, the gate_*
+    metrics and the verdict to the run. Returns (model, report); the run stays open."""
+    model = load_weights(Path(checkpoint_dir) / WEIGHTS_FILE)
+    model.update(force=True)
+    thresholds = GateThresholds(max_relative_gap=cfg.gate_max_gap, min_side=cfg.gate_min_side)
+    report = validate_bitrate(model, images if images is not None else held_out_images(cfg), thresholds)
+    logger = MlflowLogger(cfg.tracking_uri, run_id)
+    logger.log_dict(report, "bitrate_report.json")
+    logger.log_metrics({f"gate_{k}": v for k, v in report["overall"].items() if isinstance(v, (int, float))}, steps)
+    logger.set_tags({"gate.passed": report["passed"], "gate.reason": report["reason"]})
+    return model, report
+
+
 def gate_and_register(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps: int,
                       val_loss: float) -> dict:
     """Returns a summary row: gate verdict, bitrates, PSNR and the registry version (or None)."""
     from . import registry_client
 
-    model = load_weights(Path(checkpoint_dir) / WEIGHTS_FILE)
-    model.update(force=True)
-    thresholds = GateThresholds(max_relative_gap=cfg.gate_max_gap, min_side=cfg.gate_min_side)
-    report = validate_bitrate(model, held_out_images(cfg), thresholds)
+    model, report = measure_and_log(cfg, checkpoint_dir, run_id, steps=steps)
     overall = report["overall"]
     logger = MlflowLogger(cfg.tracking_uri, run_id)
-    logger.log_dict(report, "bitrate_report.json")
-    logger.log_metrics({f"gate_{k}": v for k, v in overall.items() if isinstance(v, (int, float))}, steps)
-    logger.set_tags({"gate.passed": report["passed"], "gate.reason": report["reason"]})
     spec = cfg.spec()
     row = {"architecture": spec.architecture, "quality": spec.quality, "lambda": spec.lmbda,
            "N": spec.N, "M": spec.M, "steps": steps, "estimated_bpp": overall["estimated_bpp"],

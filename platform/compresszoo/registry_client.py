@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import resolve_tracking_uri
+from .tracking import resolve_tracking_uri
 
 CHAMPION = "champion"
 ARTIFACT_DIR = "model"

@@ -24,12 +24,40 @@ class NullLogger:
     def close(self) -> None: ...
 
 
-def _client(tracking_uri: str):
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The one tracking-URI rule: the argument, else MLFLOW_TRACKING_URI, else ./mlflow.db.
+
+    A relative sqlite path is made absolute here, once, so it means the same file after Ray
+    workers change directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{os.path.abspath('mlflow.db')}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
+    return uri
+
+
+def client(tracking_uri: str | None = None):
+    """The one MlflowClient constructor: tracking and registry on the same resolved URI."""
     from mlflow.tracking import MlflowClient
 
-    if not tracking_uri:
-        raise ValueError("tracking_uri is empty; set MLFLOW_TRACKING_URI or pass it explicitly")
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_client = client
+
+
+def find_run(tracking_uri: str | None, experiment: str, run_key: str):
+    """The MLflow run tagged with `run_key` in `experiment` (the oldest), or None."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                         max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
 
 
 def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
@@ -47,14 +75,12 @@ def experiment_id(client, name: str, artifact_location: str | None = None) -> st
 
 def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, tags: dict | None = None) -> str:
     """The MLflow run for `run_key`: the existing one (resumed) or a new one."""
-    client = _client(tracking_uri)
-    exp_id = experiment_id(client, experiment, os.environ.get("COMPRESSZOO_MLFLOW_ARTIFACTS") or None)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                              max_results=1, order_by=["attributes.start_time ASC"])
-    if runs:
-        return runs[0].info.run_id
-    run = client.create_run(exp_id, run_name=run_key, tags={RUN_KEY_TAG: run_key, **(tags or {})})
-    return run.info.run_id
+    run = find_run(tracking_uri, experiment, run_key)
+    if run is not None:
+        return run.info.run_id
+    c = client(tracking_uri)
+    exp_id = experiment_id(c, experiment, os.environ.get("COMPRESSZOO_MLFLOW_ARTIFACTS") or None)
+    return c.create_run(exp_id, run_name=run_key, tags={RUN_KEY_TAG: run_key, **(tags or {})}).info.run_id
 
 
 class MlflowLogger:

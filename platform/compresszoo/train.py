@@ -20,9 +20,10 @@ import torch
 
 from .config import TrainConfig
 from .models.loss import RateDistortionLoss
+from .models.io import WEIGHTS_FILE
 from .models.registry import build
 
-STATE_FILE, OPTIM_FILE, WEIGHTS_FILE = "state.json", "optim.pt", "model.safetensors"
+STATE_FILE, OPTIM_FILE = "state.json", "optim.pt"
 
 
 @dataclass

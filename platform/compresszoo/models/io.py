@@ -15,6 +15,7 @@ import torch
 from .registry import ModelSpec, build, spec_of
 
 FORMAT = "compresszoo.weights/1"
+WEIGHTS_FILE = "model.safetensors"  # the weights inside a checkpoint folder or a registry version
 
 
 def weights_id(model: torch.nn.Module) -> str:
@@ -38,9 +39,10 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, extra: dict | 
     if extra:
         meta["extra"] = json.dumps(extra)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    from ..storage import staged_file
+
+    with staged_file(path) as tmp:  # a unique temporary name, renamed over the target
+        save_file(tensors, tmp, metadata=meta)
     return wid
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from ..config import TrainConfig, resolve_tracking_uri
+from ..config import TrainConfig
+from ..tracking import resolve_tracking_uri
 from .space import SearchSpace, TrialSpec
 
 SWEEP_FILE, HELD_OUT_FILE = "sweep.json", "held_out.pt"

@@ -91,3 +91,26 @@ def cluster_local():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def shard_miniature(miniature, ray_session, tmp_path_factory):
+    """shard_miniature(**params) -> a folder of shards of the miniature, made once per params."""
+    from compresszoo.data.shards import prepare
+
+    made: dict = {}
+
+    def make(**params) -> str:
+        key = tuple(sorted(params.items()))
+        if key not in made:
+            made[key] = str(tmp_path_factory.mktemp("shards"))
+            prepare(miniature, made[key], progress=False, **params)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shards(shard_miniature) -> str:
+    """The miniature sharded once for the training and sweep tests (small row groups)."""
+    return shard_miniature(row_group_mb=0.05)

@@ -66,11 +66,9 @@ def two_ranks(dst: str, **kw) -> list[TrainStream]:
 
 
 @pytest.fixture(scope="module")
-def shards(ray_session, miniature, tmp_path_factory) -> str:
-    """The miniature sharded once, uninterrupted, to a local folder."""
-    dst = str(tmp_path_factory.mktemp("shards"))
-    prepare(miniature, dst, progress=False, **PARAMS)
-    return dst
+def shards(shard_miniature) -> str:
+    """The miniature sharded once, uninterrupted, to a local folder (several shards)."""
+    return shard_miniature(**PARAMS)
 
 
 def copy_of(shards: str, tmp_path) -> str:

@@ -12,15 +12,6 @@ from compresszoo.config import smoke
 from compresszoo.models import ARCHITECTURES
 
 
-@pytest.fixture(scope="module")
-def shards(miniature, ray_session, tmp_path_factory):
-    from compresszoo.data.shards import prepare
-
-    dst = str(tmp_path_factory.mktemp("mini_shards"))
-    prepare(miniature, dst, progress=False, row_group_mb=0.05)
-    return dst
-
-
 def small(shards, tmp_path, **kw):
     base = dict(data=shards, storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
                 crop=64, val_crop=64, val_images=2, batch_size=4, max_steps=3, val_every=3,

@@ -186,15 +186,6 @@ def test_report_bd_rate_pareto_and_config_from_trial_rows(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shards(miniature, ray_session, tmp_path_factory):
-    from compresszoo.data.shards import prepare
-
-    dst = str(tmp_path_factory.mktemp("tune_shards"))
-    prepare(miniature, dst, progress=False, row_group_mb=0.05)
-    return dst
-
-
-@pytest.fixture(scope="module")
 def sweep(shards, ray_session, tmp_path_factory):
     """A 2 arch x 2 lambda x 2 (N, M) sweep whose driver process is SIGKILLed once a trial has
     finished, then resumed with --resume in this process."""

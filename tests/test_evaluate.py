@@ -1,9 +1,9 @@
-"""pipelines/evaluate.py end to end on real photos, and the RD math (BD-rate, BD-PSNR, Pareto
-front) it rests on, checked against known values and an independent SciPy computation."""
+"""The evaluation package (compresszoo.evaluate) and pipelines/evaluate.py end to end on real
+photos, and the RD math (BD-rate, BD-PSNR, Pareto front) it rests on, checked against known
+values and an independent SciPy computation."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from compresszoo.evaluate import rd
+from compresszoo.evaluate import UsageError, rd
+from compresszoo.evaluate.compare import load_reference
+from compresszoo.evaluate.images import read_rgb
+from compresszoo.evaluate.learned import load_model
+from compresszoo.evaluate.runner import Options, evaluate, tracking_uri_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = ROOT / "pipelines" / "evaluate.py"
@@ -25,17 +29,6 @@ FAMILY = "bmshj2018-factorized-mse"
 # bmshj2018-factorized on Kodak, from the published CompressAI results (shared/reference/)
 KODAK_BPP = [0.1226, 0.1885, 0.2878, 0.4404, 0.6481, 0.9670, 1.3512, 1.8333]
 KODAK_PSNR = [26.909, 28.218, 29.617, 31.277, 32.956, 35.381, 37.397, 39.621]
-
-
-@pytest.fixture(scope="module")
-def ev():
-    """pipelines/evaluate.py as a module (pipelines/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("evaluate_pipeline", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 # ---------------------------------------------------------------------------- BD math
@@ -165,57 +158,57 @@ def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
-def test_image_policy_rgb_palette_alpha_gray_corrupt(ev, tmp_path):
+def test_image_policy_rgb_palette_alpha_gray_corrupt(tmp_path):
     from PIL import Image
 
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    assert np.array_equal(ev.read_rgb(_save(tmp_path / "rgb.png", rgb))[0], rgb)
+    assert np.array_equal(read_rgb(_save(tmp_path / "rgb.png", rgb))[0], rgb)
     opaque = np.dstack([rgb, np.full((20, 30), 255, np.uint8)])
-    array, note = ev.read_rgb(_save(tmp_path / "opaque.png", opaque))
+    array, note = read_rgb(_save(tmp_path / "opaque.png", opaque))
     assert np.array_equal(array, rgb) and "alpha" in note
     seethrough = opaque.copy()
     seethrough[0, 0, 3] = 10
     with pytest.raises(ValueError, match="transparency"):
-        ev.read_rgb(_save(tmp_path / "seethrough.png", seethrough))
+        read_rgb(_save(tmp_path / "seethrough.png", seethrough))
     with pytest.raises(ValueError, match="grayscale"):
-        ev.read_rgb(_save(tmp_path / "gray.png", rgb[..., 0]))
+        read_rgb(_save(tmp_path / "gray.png", rgb[..., 0]))
     Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png")
-    assert ev.read_rgb(tmp_path / "palette.png")[0].shape == (20, 30, 3)
+    assert read_rgb(tmp_path / "palette.png")[0].shape == (20, 30, 3)
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
     with pytest.raises(ValueError, match="CMYK"):
-        ev.read_rgb(tmp_path / "cmyk.jpg")
+        read_rgb(tmp_path / "cmyk.jpg")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
     with pytest.raises(ValueError, match="unreadable"):
-        ev.read_rgb(tmp_path / "broken.png")
+        read_rgb(tmp_path / "broken.png")
 
 
 # ---------------------------------------------------------------------------- model refs
 
 
-def test_registry_reference_without_registry_client_says_what_to_do(ev, monkeypatch):
+def test_registry_reference_without_registry_client_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "compresszoo.registry_client", None)  # import fails
-    with pytest.raises(ev.UsageError, match="registry_client.*checkpoint"):
-        ev.load_model("bmshj2018-factorized-mse-q3@champion", "sqlite:////tmp/none.db")
-    with pytest.raises(ev.UsageError, match="MLFLOW_TRACKING_URI"):
-        ev.load_model("bmshj2018-factorized-mse-q3@champion", None)
+    with pytest.raises(UsageError, match="registry_client.*checkpoint"):
+        load_model("bmshj2018-factorized-mse-q3@champion", "sqlite:////tmp/none.db")
+    with pytest.raises(UsageError, match="MLFLOW_TRACKING_URI"):
+        load_model("bmshj2018-factorized-mse-q3@champion", None)
 
 
-def test_registry_reference_goes_to_load_registered(ev, monkeypatch):
+def test_registry_reference_goes_to_load_registered(monkeypatch):
     from compresszoo.models import create_model
 
     calls = []
     fake = types.ModuleType("compresszoo.registry_client")
 
-    def load_registered(ref):
-        calls.append((ref, os.environ.get("MLFLOW_TRACKING_URI")))
+    def load_registered(ref, tracking_uri=None):
+        calls.append((ref, tracking_uri))
         m = create_model("bmshj2018-hyperprior", 2, debug=True)
         m.update(force=True)
         return m
 
     fake.load_registered = load_registered
     monkeypatch.setitem(sys.modules, "compresszoo.registry_client", fake)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    loaded = ev.load_model("mine=bmshj2018-hyperprior-mse-q2:3", "sqlite:////srv/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the URI must come from the argument
+    loaded = load_model("mine=bmshj2018-hyperprior-mse-q2:3", "sqlite:////srv/mlflow.db")
     assert calls == [("bmshj2018-hyperprior-mse-q2:3", "sqlite:////srv/mlflow.db")]
     assert loaded.source == "registry" and loaded.family == "mine" and loaded.spec["quality"] == 2
 
@@ -417,22 +410,44 @@ def test_a_bad_model_fails_with_one_line_from_a_bare_checkout(run, tmp_path):
     assert "missing.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_mlflow_needs_an_explicit_uri_and_codecs_must_exist(ev, run, monkeypatch, capsys):
+def test_mlflow_needs_an_explicit_uri_and_codecs_must_exist(run, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    base = ["--images", str(run["images"]), "--model", str(run["ckpts"][0])]
-    assert ev.main([*base, "--mlflow"]) == 2
-    assert "--tracking-uri or set MLFLOW_TRACKING_URI" in capsys.readouterr().err
-    assert ev.main([*base, "--codecs", "jpeg,bpg"]) == 2
-    assert "unknown codec 'bpg'" in capsys.readouterr().err
+    base = {"images": run["images"], "models": [str(run["ckpts"][0])]}
+    with pytest.raises(UsageError, match="--tracking-uri or set MLFLOW_TRACKING_URI"):
+        evaluate(Options(**base, mlflow=True))
+    with pytest.raises(UsageError, match="unknown codec 'bpg'"):
+        evaluate(Options(**base, codecs="jpeg,bpg"))
 
 
-def test_the_shared_reference_file_loads(ev):
+def test_mlflow_is_touched_only_when_asked_for(run, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ckpt, registered = str(run["ckpts"][0]), "bmshj2018-factorized-mse-q3@champion"
+    assert tracking_uri_for(Options(run["images"], models=[ckpt])) is None
+    # a registry reference reads the project's default registry, ./mlflow.db, made absolute
+    assert tracking_uri_for(Options(run["images"], models=[ckpt, registered])) == \
+        f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_uri_for(Options(run["images"], tracking_uri="sqlite:///x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/env.db")
+    assert tracking_uri_for(Options(run["images"], models=[registered], mlflow=True)) == "sqlite:////srv/env.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # evaluating a checkpoint in-process: the report is written, and no MLflow store appears
+    messages = []
+    report = evaluate(Options(run["images"], models=[ckpt], codecs="none", out=tmp_path / "out"), messages.append)
+    assert [p["setting"] for p in report["points"]] == ["q1"] and report["bd"] == []
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["points"][0]["psnr"] == report["points"][0]["psnr"]  # JSON keeps floats exactly
+    assert any("skipping corrupt.png" in m for m in messages)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_the_shared_reference_file_loads():
     # The repo keeps a copy of the published results; it must equal ../shared's where present.
     path = ROOT / "benchmarks" / "reference" / "compressai_kodak_mse.json"
     shared = ROOT.parent / "shared" / "reference" / "compressai_kodak_mse.json"
     if shared.exists():
         assert json.loads(shared.read_text()) == json.loads(path.read_text())
-    curves, meta = ev.load_reference(path)
+    curves, meta = load_reference(path)
     assert set(curves) == {f"reference:{a}-mse" for a in
                            ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018")}
     assert "Kodak" in meta["dataset"]

@@ -1,10 +1,10 @@
-"""Rate-distortion math shared by evaluate.py and the sweep report: RD curves, Bjontegaard
+"""Rate-distortion math shared by the evaluation and the sweep report: RD curves, Bjontegaard
 deltas (BD-rate, BD-PSNR) with pchip interpolation, Pareto fronts, and PNG plots.
 
 BD follows the piecewise-cubic (pchip) variant of the JVET common test conditions: each curve
 is interpolated with a monotone cubic Hermite spline (Fritsch-Carlson slopes, as MATLAB's and
 SciPy's pchip) in log-rate, and the spline is integrated exactly over the interval both curves
-cover. NumPy only; matplotlib is imported inside plot_rd_curves.
+cover. NumPy only; matplotlib and storage are imported inside plot_rd_curves.
 """
 
 from __future__ import annotations
@@ -303,6 +303,8 @@ def plot_rd_curves(curves: Sequence[RDCurve], path: str | os.PathLike, *, title:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .. import storage  # here, not at the top: the RD math needs neither pyarrow nor matplotlib
+
     styles = styles or {}
     fig = Figure(figsize=(8, 5.5), dpi=120)
     FigureCanvasAgg(fig)
@@ -322,9 +324,6 @@ def plot_rd_curves(curves: Sequence[RDCurve], path: str | os.PathLike, *, title:
     if footnote:
         fig.text(0.01, 0.005, footnote, fontsize="x-small", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.03 if footnote else 0, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    with storage.staged_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

@@ -44,16 +44,15 @@ def run(args) -> str:
     import ray
 
     from compresszoo.config import smoke
+    from compresszoo.data.miniature import ensure_smoke_data
     from compresszoo.tune.report import best_per_lambda
     from compresszoo.tune.space import SearchSpace, parse_channels, parse_ints
-    from compresszoo.tune.sweep import SweepConfig, cpus_per_trial, run_sweep
+    from compresszoo.tune.sweep import SweepConfig, run_sweep
+    from compresszoo.zoo_jobs import cpus_per_run
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-tune-")).resolve()
     load = os.getloadavg()[0]
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    from tune_sweep import ensure_smoke_data
-
     data = ensure_smoke_data(work)
     base = smoke(data=data, tracking_uri=f"sqlite:///{work}/mlflow.db", crop=64, val_crop=64, val_images=2,
                  gate_images=2, gate_min_side=64, gate_max_gap=1.0, batch_size=4, max_steps=args.max_steps,
@@ -71,7 +70,7 @@ def run(args) -> str:
 
     lines = [f"Sweep: {len(space.trials())} trials ({args.archs} x q{args.qualities} x (N, M) in 8x12,{args.channels}), "
              f"{args.max_steps} steps each, a report every {args.checkpoint_every}; Ray with {args.num_cpus} CPUs, "
-             f"{cpus_per_trial(base.with_overrides({'data': data}), args.trial_cpus):g} CPU per trial, "
+             f"{cpus_per_run(base, args.trial_cpus):g} CPU per trial, "
              f"load average {load:.1f} at start.", "",
              "| run | trials | stopped early | trial-steps run | budget | saved | wall (s) | concurrency allowed | reached |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -14,9 +14,9 @@ MLflow comes from MLFLOW_TRACKING_URI (default: sqlite ./mlflow.db).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +25,14 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "platform"))
 
+import ray  # noqa: E402
+
 from compresszoo.config import RECIPES  # noqa: E402
-from compresszoo.tracking import resolve_tracking_uri  # noqa: E402
+from compresszoo.data.miniature import ensure_smoke_data  # noqa: E402
 from compresszoo.models.registry import ARCHITECTURES  # noqa: E402
+from compresszoo.tracking import git_commit, resolve_tracking_uri  # noqa: E402
+from compresszoo.tune.space import SearchSpace, parse_channels, parse_ints, parse_lambda_range  # noqa: E402
+from compresszoo.tune.sweep import SweepConfig, run_sweep, settings_for  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,19 +67,8 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def ensure_smoke_data(workdir: Path) -> str:
-    """train_zoo's miniature dataset (made and sharded once)."""
-    spec = importlib.util.spec_from_file_location("_train_zoo", ROOT / "pipelines" / "train_zoo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.ensure_smoke_data(workdir)
-
-
-def sweep_config(args):
-    from compresszoo.tracking import git_commit
-    from compresszoo.tune.space import SearchSpace, parse_channels, parse_ints, parse_lambda_range
-    from compresszoo.tune.sweep import SweepConfig
-
+def sweep_config(args) -> SweepConfig:
+    """The SweepConfig these flags describe (a ValueError names a bad flag)."""
     base = RECIPES[args.preset]().with_overrides({"git_commit": git_commit(ROOT), "data": args.data})
     base = base.with_overrides(args.overrides)
     if args.lambda_range:
@@ -93,34 +87,29 @@ def sweep_config(args):
 
 
 def main(argv=None) -> int:
-    import ray
-
-    from compresszoo.tune.sweep import run_sweep, settings_for
-
     args = parse_args(argv)
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri()
     workdir = Path(args.workdir).resolve()
     if args.storage is None:
         args.storage = str(workdir / "sweeps")
     if not args.data and not args.resume and args.preset != "smoke":
-        raise SystemExit("tune_sweep: --data is required for the paper preset (a sharded Vimeo90K; "
-                         "see pipelines/prepare_vimeo90k.py)")
+        print("tune_sweep: --data is required for the paper preset (a sharded Vimeo90K; "
+              "see pipelines/prepare_vimeo90k.py)", file=sys.stderr)
+        return 2
     try:
         sc = sweep_config(args)
-    except ValueError as e:
-        raise SystemExit(f"tune_sweep: {e}") from None
-    settings_for(sc, resume=args.resume)  # fail fast, before starting Ray
+        settings_for(sc, resume=args.resume)  # fail fast, before starting Ray
+    except ValueError as e:  # SweepError, or a flag the search space refuses
+        print(f"tune_sweep: {e}", file=sys.stderr)
+        return 2
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=True)
     if not args.data and not args.resume:
-        from dataclasses import replace
-
         sc = replace(sc, base=sc.base.with_overrides({"data": ensure_smoke_data(workdir)}))
     out = Path(args.out) if args.out else Path(args.storage if "://" not in args.storage else workdir) / f"{args.name}-report"
     outcome = run_sweep(sc, resume=args.resume, report_dir=out)
     print(f"[tune_sweep] report: {out}; tuned zoo: python pipelines/train_zoo.py --config "
           f"{outcome.paths['config']} ...", flush=True)
-    counts = outcome.report["counts"]
-    return 1 if counts.get("error") else 0
+    return 1 if outcome.report["counts"].get("error") else 0
 
 
 if __name__ == "__main__":

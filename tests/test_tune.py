@@ -78,7 +78,7 @@ def _fake_trial(tid, arch, lmbda, zoo_default):
 def test_per_lambda_asha_compares_only_comparable_trials_and_never_stops_baselines(tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
-    from compresszoo.tune.sweep import PerLambdaASHA
+    from compresszoo.tune.scheduler import PerLambdaASHA
 
     STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
     s = PerLambdaASHA(max_t=8, grace_period=4, reduction_factor=2)
@@ -130,14 +130,60 @@ def test_per_lambda_asha_compares_only_comparable_trials_and_never_stops_baselin
 
 def test_concurrency_is_sized_from_the_clusters_resources():
     from compresszoo.config import smoke
-    from compresszoo.tune.sweep import concurrency_for, cpus_per_trial
+    from compresszoo.zoo_jobs import concurrency_for, cpus_per_run
 
     cfg = smoke(workers=2, cpus_per_worker=0.5, data_cpus=0.25)
-    assert cpus_per_trial(cfg, 0.25) == 1.5  # 2 workers x 0.5 + a data task + the trial's actor
-    assert concurrency_for(cfg, 0.25, {"CPU": 16.0}) == 10
-    assert concurrency_for(cfg, 0.25, {"CPU": 1.0}) == 1  # always at least one
+    assert cpus_per_run(cfg, 0.25) == 1.5  # 2 workers x 0.5 + a data task + the trial's actor
+    assert concurrency_for(cfg, {"CPU": 16.0}, extra_cpus=0.25) == 10
+    assert concurrency_for(cfg, {"CPU": 1.0}, extra_cpus=0.25) == 1  # always at least one
     gpu = smoke(workers=2, use_gpu=True, cpus_per_worker=1.0, data_cpus=1.0)
-    assert concurrency_for(gpu, 0.25, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bind first
+    assert concurrency_for(gpu, {"CPU": 64.0, "GPU": 8.0}, extra_cpus=0.25) == 4  # GPUs bind first
+
+
+def test_train_zoo_and_sweeps_share_one_gpu_aware_concurrency_rule():
+    from compresszoo.config import smoke
+    from compresszoo.tune import sweep
+    from compresszoo.zoo_jobs import concurrency_for
+
+    # train_zoo's runs have no trial actor: 2 x 1.0 + 1.0 = 3 CPUs each, 21 fit in 64 CPUs...
+    gpu = smoke(workers=2, use_gpu=True, cpus_per_worker=1.0, data_cpus=1.0)
+    assert concurrency_for(gpu.with_overrides({"use_gpu": False}), {"CPU": 64.0, "GPU": 8.0}) == 21
+    # ...but with use_gpu each run's 2 workers hold 2 GPUs: 8 GPUs allow 4 runs, 1 GPU still 1
+    assert concurrency_for(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert concurrency_for(gpu, {"CPU": 64.0, "GPU": 1.0}) == 1
+    assert concurrency_for(gpu, {"CPU": 64.0}) == 1  # no GPU at all: one, which then waits for one
+    assert concurrency_for(gpu, {"CPU": 64.0, "GPU": 8.0}, requested=6) == 6  # --concurrency wins
+    assert sweep.concurrency_for is concurrency_for  # the sweep sizes its trials by the same rule
+
+
+def test_a_run_that_cannot_start_is_one_line_on_stderr_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from compresszoo import storage
+    from compresszoo.tune.sweep import SweepError, settings_for
+    from compresszoo.zoo_jobs import ZooError, plan
+
+    ray_was_up = ray.is_initialized()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    ts = _pipeline("tune_sweep")
+    common = ["--name", "s1", "--storage", str(tmp_path / "sweeps"), "--workdir", str(tmp_path)]
+    with pytest.raises(SweepError, match="no sweep 's1'.*run without --resume"):
+        settings_for(ts.sweep_config(ts.parse_args([*common, "--resume"])), resume=True)
+    assert ts.main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tune_sweep: no sweep 's1'") and err.count("\n") == 1
+    storage.write_bytes(storage.join(str(tmp_path / "sweeps"), "s1", "sweep.json"), b"{}")
+    assert ts.main(common) == 2
+    assert "sweep 's1' already exists" in capsys.readouterr().err
+    assert ts.main(["--name", "../up", "--workdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("tune_sweep: sweep name '../up': use letters")
+
+    with pytest.raises(ZooError, match="unknown architecture 'nope'; valid: bmshj2018-factorized"):
+        plan("smoke", archs="nope", commit="")
+    assert _pipeline("train_zoo").main(["--archs", "nope", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_zoo: unknown architecture 'nope'") and err.count("\n") == 1
+    assert ray.is_initialized() == ray_was_up  # refused before starting (or joining) a cluster
 
 
 def _row(arch, lmbda, q, n, m, bpp, psnr, *, zoo_default, status="completed", steps=8):
@@ -324,14 +370,16 @@ def test_report_plots_and_config_are_written_and_logged(sweep):
 
 
 def test_tuned_config_trains_with_train_zoo(sweep, shards, tmp_path):
-    tz = _pipeline("train_zoo")
+    from compresszoo import zoo_jobs
+
     tiny = {**TINY, "max_steps": 2, "checkpoint_every": 2, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    tz = _pipeline("train_zoo")
     args = tz.parse_args(["--preset", "smoke", "--config", str(sweep.work / "report" / "tuned_zoo.json"),
                           "--data", shards, "--storage", str(tmp_path / "runs"),
                           *[a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]])
-    configs = tz.plan(args)
+    configs = tz.plan(args)  # the flags -> zoo_jobs.plan
     entries = json.loads((sweep.work / "report" / "tuned_zoo.json").read_text())["models"]
     assert [(c.architecture, c.quality, c.N, c.M, c.lmbda) for c in configs] == \
         [(e["architecture"], e["quality"], e["N"], e["M"], e["lmbda"]) for e in entries]
-    row = tz.run_one(configs[0])
+    row = zoo_jobs.run_one(configs[0])
     assert row["steps"] == 2 and row["real_bpp"] > 0 and (row["N"], row["M"]) == (configs[0].N, configs[0].M)

@@ -2,16 +2,20 @@
 photographs scikit-image ships, shifted a few pixels per frame so consecutive frames look like motion.
 
 Used by tests and the demo; the sharder and reader handle it exactly like the real dataset.
+ensure_smoke_data() makes and shards it once under a work folder (the smoke preset's data).
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
 
 from compresszoo import storage
+from compresszoo.data.manifest import manifest_uri
+from compresszoo.data.shards import prepare
 from compresszoo.data.vimeo import TUPLETS, list_name
 
 WIDTH, HEIGHT = 448, 256
@@ -68,3 +72,16 @@ def make_miniature(dst: str, *, sequences: int = 8, test_sequences: int = 2, tup
     storage.write_bytes(storage.join(dst, list_name(tuplet, "train")), ("\n".join(train) + "\n").encode())
     storage.write_bytes(storage.join(dst, list_name(tuplet, "test")), ("\n".join(test) + "\n").encode())
     return dst
+
+
+def ensure_smoke_data(workdir: str | os.PathLike) -> str:
+    """Make and shard the miniature dataset under `workdir` once; return the shard folder.
+    A rerun finds the manifest and does nothing (a half-made one resumes in prepare())."""
+    shards = storage.join(workdir, "vimeo90k-mini-shards")
+    if storage.exists(manifest_uri(shards)):
+        return shards
+    src = storage.join(workdir, "vimeo90k-mini")
+    if not storage.exists(storage.join(src, list_name("sep", "train"))):
+        make_miniature(src)
+    prepare(src, shards)
+    return shards

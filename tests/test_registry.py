@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from compresszoo import registry_client as rc
 from compresszoo.config import smoke
+from compresszoo.tracking import client as tracking_client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +45,6 @@ def s3_setup(s3_bucket, s3_endpoint, miniature, ray_session, tmp_path, monkeypat
 
 def test_gated_models_register_on_s3_and_load_pretrained_elsewhere(s3_setup, s3_endpoint, tmp_path):
     import boto3
-    from mlflow.tracking import MlflowClient
 
     from compresszoo.codec import encode_image
     from compresszoo.models.io import load_weights
@@ -62,7 +65,7 @@ def test_gated_models_register_on_s3_and_load_pretrained_elsewhere(s3_setup, s3_
     assert any(k.startswith("runs/") and k.endswith("model.safetensors") for k in keys)  # checkpoints
     assert any(k.startswith("mlflow/") and k.endswith("model/model.safetensors") for k in keys)  # registry
 
-    client = MlflowClient(tracking, registry_uri=tracking)
+    client = tracking_client(tracking)
     mv = client.get_model_version_by_alias(name, "champion")
     assert mv.source.startswith("s3://") and mv.tags["weights_sha256"]
     run = client.get_run(mv.run_id)
@@ -113,14 +116,11 @@ def test_gated_models_register_on_s3_and_load_pretrained_elsewhere(s3_setup, s3_
 
 
 def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_server(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from compresszoo import registry_client as rc
     from compresszoo.models import create_model
 
     uri = f"sqlite:///{tmp_path}/reg.db"
     monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
-    client = MlflowClient(uri, registry_uri=uri)
+    client = tracking_client(uri)
     exp = client.create_experiment("champion-test", artifact_location=str(tmp_path / "artifacts"))
     model = create_model("bmshj2018-factorized", 8, debug=True)
     model.update(force=True)
@@ -147,3 +147,172 @@ def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_serve
         rc.download(f"{name}@champion", "http://127.0.0.1:9")
     with pytest.raises(ValueError, match="bad model reference"):
         rc.parse_ref("no spaces allowed@x y")
+
+
+# ------------------------------------------------------------------ registry failures and cache integrity
+
+NAME = "bmshj2018-factorized-mse-q8-N8-M12"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registered(tmp_path, monkeypatch):
+    """A real sqlite registry holding version 1 of NAME; returns (uri, weights_id)."""
+    from compresszoo.models import create_model
+    from compresszoo.models.io import weights_id
+
+    uri = f"sqlite:///{tmp_path}/reg.db"
+    monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
+    client = tracking_client(uri)
+    exp = client.create_experiment("integrity", artifact_location=str(tmp_path / "artifacts"))
+    model = create_model("bmshj2018-factorized", 8, debug=True)
+    model.update(force=True)
+    run = client.create_run(exp)
+    assert rc.register(model, name=NAME, run_id=run.info.run_id, config={}, report={}, rd_point={},
+                       tags={"config_hash": "c0ffee", "manifest_sha": "m1"}, val_loss=1.0,
+                       tracking_uri=uri) == ("1", True)
+    return uri, weights_id(model)
+
+
+def test_find_version_raises_on_an_unreachable_registry_and_returns_none_when_absent(registered, monkeypatch):
+    import time
+
+    uri, _ = registered
+    assert rc.find_version(NAME, "c0ffee", "m1", uri).version in (1, "1")
+    assert rc.find_version(NAME, "other", "m1", uri) is None
+    assert rc.find_version("never-registered", "c0ffee", "m1", uri) is None
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(rc.RegistryError, match=rf"unreachable or failing .*{down}"):
+        rc.find_version(NAME, "c0ffee", "m1", down)
+    assert time.monotonic() - t0 < 30
+
+
+def test_experiment_creation_tolerates_only_the_already_exists_race(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    from compresszoo.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path}/exp.db"
+    client = tracking_client(uri)
+    first = experiment_id(client, "race")
+    assert experiment_id(client, "race") == first
+
+    class LateClient:  # sees no experiment, then loses the creation race to `client`
+        def __init__(self):
+            self.calls = 0
+
+        def get_experiment_by_name(self, name):
+            self.calls += 1
+            return None if self.calls == 1 else client.get_experiment_by_name(name)
+
+        def create_experiment(self, name, artifact_location=None):
+            return client.create_experiment(name, artifact_location=artifact_location)
+
+    assert experiment_id(LateClient(), "race") == first
+
+    with pytest.raises(MlflowException) as e:  # any other failure propagates
+        experiment_id(client, "")
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+_RACER = textwrap.dedent("""
+    import pathlib, sys, time
+    from compresszoo import registry_client as rc
+    from compresszoo.models.io import weights_id
+    ready, go, ref, uri = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    ready.write_text("")
+    deadline = time.monotonic() + 300
+    while not go.exists():
+        if time.monotonic() > deadline:
+            sys.exit("no start signal")
+        time.sleep(0.01)
+    t0 = time.time()
+    model = rc.load_registered(ref, uri)
+    print("WID", weights_id(model), "SPAN", t0, time.time(), flush=True)
+""")
+
+
+def test_concurrent_first_downloads_all_load_the_verified_weights(registered, tmp_path):
+    uri, wid = registered
+    cache, go = tmp_path / "race-cache", tmp_path / "go"
+    # Every racer stages, hashes and then waits 2 s before its rename: with a shared staging
+    # name one racer's rename would steal another's file (FileNotFoundError) or expose bytes
+    # another racer is still writing.
+    env = {**os.environ, "COMPRESSZOO_CACHE": str(cache), "COMPRESSZOO_TEST_SLOW_COPY": "2"}
+    ready = [tmp_path / f"ready{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(r), str(go), f"{NAME}@champion", uri],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in ready]
+    try:
+        import time
+
+        deadline = time.monotonic() + 300
+        while not all(r.exists() for r in ready):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a racer died early"
+            time.sleep(0.05)
+        go.write_text("")  # all start at once, on an empty cache
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    spans = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert f"WID {wid}" in out, (out, err[-2000:])
+        spans.append([float(v) for v in out.split("SPAN")[1].split()])
+    # The race really happened: at least two racers went through the 2 s staging window
+    # (a cache hit is fast), and those windows overlapped in time.
+    staged = [(a, b) for a, b in spans if b - a >= 2.0]
+    assert len(staged) >= 2 and max(a for a, _ in staged) < min(b for _, b in staged), spans
+    left = sorted(str(f.relative_to(cache)) for f in cache.rglob("*") if f.is_file())
+    assert left == [f"{NAME}/1/model.safetensors"]  # no staged leftovers
+
+
+def test_cache_path_takes_only_positive_integer_versions_inside_the_cache(registered, tmp_path):
+    uri, _ = registered
+    real = tracking_client(uri).get_model_version_by_alias(NAME, "champion").version
+    assert rc.cache_path(NAME, real) == (tmp_path / "cache").resolve() / NAME / "1" / "model.safetensors"
+    for bad in ("../../../x", "0", "-1", "1.5", "", "1/../../x"):
+        with pytest.raises(rc.RegistryError, match="not a positive integer"):
+            rc.cache_path(NAME, bad)
+    with pytest.raises(rc.RegistryError, match="outside the cache"):
+        rc.cache_path("..", "1")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_version_without_its_checksum_tag_is_refused(registered, tmp_path):
+    uri, _ = registered
+    tracking_client(uri).delete_model_version_tag(NAME, "1", "weights_sha256")
+    for load in (rc.download, rc.load_registered):
+        with pytest.raises(rc.RegistryError, match=f"{NAME} version 1 .*has no weights_sha256 tag"):
+            load(f"{NAME}@champion", uri)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_read_only_lookup_never_creates_a_registry(tmp_path, monkeypatch):
+    from compresszoo import zoo
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
+    expected = rf"no MLflow registry at {re.escape(f'sqlite:///{empty}/mlflow.db')} .*set MLFLOW_TRACKING_URI"
+    with pytest.raises(rc.RegistryError, match=expected):
+        rc.download(f"{NAME}@champion")
+    with pytest.raises(rc.RegistryError, match=expected):
+        rc.load_registered(f"{NAME}:1")
+    with pytest.raises(rc.RegistryError, match=expected):
+        zoo.bmshj2018_factorized(quality=8, pretrained=True, N=8, M=12)
+    assert rc.find_version(NAME, "c0ffee", "m1") is None
+    assert list(empty.iterdir()) == []

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from compresszoo.config import smoke
 from compresszoo.models import ARCHITECTURES
+from compresszoo.tracking import client as tracking_client
 
 
 def small(shards, tmp_path, **kw):
@@ -22,8 +23,6 @@ def small(shards, tmp_path, **kw):
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_each_architecture_trains_with_two_workers(name, shards, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from compresszoo.train import WEIGHTS_FILE, fit
 
     cfg = small(shards, tmp_path, architecture=name, workers=2, max_steps=2, val_every=2,
@@ -32,14 +31,12 @@ def test_each_architecture_trains_with_two_workers(name, shards, tmp_path):
     assert res.steps == 2
     weights = load_file(os.path.join(res.checkpoint_dir, WEIGHTS_FILE))
     assert "entropy_bottleneck.quantiles" in weights
-    run = MlflowClient(res.config.tracking_uri).get_run(res.mlflow_run_id)
+    run = tracking_client(res.config.tracking_uri).get_run(res.mlflow_run_id)
     assert run.data.params["workers"] == "2" and run.data.params["architecture"] == name
     assert {"loss", "bpp", "psnr", "aux_loss", "lr", "images_per_second", "val_loss"} <= set(run.data.metrics)
 
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(shards, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
     from compresszoo.data.reader import TrainStream
     from compresszoo.train import WEIGHTS_FILE, fit
 
@@ -61,7 +58,7 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(shards, tmp_path, m
     differ = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     assert not differ, f"resumed run differs from the uninterrupted one: {differ}"
     # one MLflow run for the resumed training, not two
-    client = MlflowClient(faulty.config.tracking_uri)
+    client = tracking_client(faulty.config.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("compresszoo").experiment_id])
     assert len(runs) == 1
 

@@ -9,11 +9,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .models.registry import ModelSpec, model_spec
 from .tracking import resolve_tracking_uri
+
+
+def _setting(default):
+    """A field that says where or how a run executes, not what it learns.
+
+    It is left out of the run's identity (config_hash, run_name), so changing it resumes
+    the same run. Every other field is part of the identity: a new field is classified
+    where it is declared, and a plain default means "changes what is learned".
+    """
+    return field(default=default, metadata={"identity": False})
 
 
 @dataclass(frozen=True)
@@ -44,28 +53,29 @@ class TrainConfig:
     plateau_patience: int = 20  # validations without improvement before lr *= plateau_factor
     plateau_factor: float = 0.5
     min_lr: float = 1e-7
-    checkpoint_every: int = 5_000
-    log_every: int = 100
+    # _setting(...) marks a field outside the run's identity (see _setting)
+    checkpoint_every: int = _setting(5_000)
+    log_every: int = _setting(100)
     # resources
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 1.0  # CPUs per Ray Data read task
+    workers: int = _setting(1)
+    use_gpu: bool = _setting(False)
+    cpus_per_worker: float = _setting(1.0)
+    data_cpus: float = _setting(1.0)  # CPUs per Ray Data read task
     bf16: bool = False  # autocast on GPU
-    channels_last: bool = False
-    compile: bool = False
-    max_failures: int = 3
+    channels_last: bool = False  # these two change the arithmetic: part of the identity
+    compile: bool = _setting(False)
+    max_failures: int = _setting(3)
     # where things go
-    storage: str = "runs"  # checkpoints: local folder or s3://bucket/prefix
-    tracking_uri: str = ""  # MLflow; "" = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
-    experiment: str = "compresszoo"
-    # the bitrate gate
-    gate_max_gap: float = 0.03
-    gate_min_side: int = 256
-    gate_images: int = 8
+    storage: str = _setting("runs")  # checkpoints: local folder or s3://bucket/prefix
+    tracking_uri: str = _setting("")  # MLflow; "" = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment: str = _setting("compresszoo")
+    # the bitrate gate (judges a trained model; does not change it)
+    gate_max_gap: float = _setting(0.03)
+    gate_min_side: int = _setting(256)
+    gate_images: int = _setting(8)
     # provenance, filled by the driver
-    git_commit: str = ""
-    preset: str = ""
+    git_commit: str = _setting("")
+    preset: str = _setting("")
 
     # -- derived --------------------------------------------------------------------
     def spec(self) -> ModelSpec:
@@ -88,12 +98,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
         return cfg
 
+    @classmethod
+    def identity_fields(cls) -> list[str]:
+        """Names of the fields that make up a run's identity: all but those declared _setting."""
+        return [f.name for f in fields(cls) if f.metadata.get("identity", True)]
+
     def training_key(self) -> dict:
         """The fields that change what is learned (not where it runs or is stored)."""
-        skip = {"workers", "use_gpu", "cpus_per_worker", "data_cpus", "max_failures", "storage",
-                "tracking_uri", "experiment", "git_commit", "preset", "gate_max_gap",
-                "gate_min_side", "gate_images", "compile", "log_every", "checkpoint_every"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        d = self.to_dict()
+        return {k: d[k] for k in self.identity_fields()}
 
     def config_hash(self) -> str:
         blob = json.dumps(self.training_key(), sort_keys=True).encode()

@@ -2,7 +2,11 @@
 
 A version's artifacts are plain files: model.safetensors (weights + zoo spec, loaded
 without unpickling), config.json, bitrate_report.json and rd_point.json. The weights'
-sha256 is a version tag and is checked after every download.
+sha256 is a version tag (required); every download is hashed before it enters the cache,
+and a load hashes the very bytes it loads.
+
+"Not found" (MLflow's RESOURCE_DOES_NOT_EXIST, an empty search) is an answer; a registry
+that cannot be reached or fails is a RegistryError, never mistaken for "not registered".
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from .tracking import resolve_tracking_uri
+from . import storage
+from .models.io import WEIGHTS_FILE
+from .tracking import client as _tracking_client
+from .tracking import mlflow_error_is, resolve_tracking_uri
 
 CHAMPION = "champion"
 ARTIFACT_DIR = "model"
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9._-]+?)(?:@(?P<alias>[A-Za-z0-9_-]+)|:(?P<version>\d+))?$")
+_VERSION = re.compile(r"^[1-9][0-9]*$")
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
 class RegistryError(RuntimeError):
@@ -27,10 +37,30 @@ class RegistryError(RuntimeError):
 
 
 def _client(tracking_uri: str | None = None):
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_tracking_uri(tracking_uri or "")
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    return _tracking_client(uri), uri
+
+
+def _failing(what: str, uri: str, e: BaseException) -> RegistryError:
+    """The error for a registry that answered with something other than "not found"."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return RegistryError(f"{what}: the MLflow registry at {uri} is unreachable or failing "
+                         f"({type(e).__name__}: {first}); check MLFLOW_TRACKING_URI and the server")
+
+
+def _sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:/// tracking URI, or None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return path if path and path != ":memory:" else None
+
+
+def _registry_exists(uri: str) -> bool:
+    """False only for a sqlite URI whose file is missing: opening it would create an empty
+    database (MLflow runs its migrations on connect), so a lookup must not."""
+    db = _sqlite_file(uri)
+    return db is None or os.path.exists(db)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -45,12 +75,21 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def find_version(name: str, config_hash: str, manifest_sha: str, tracking_uri: str | None = None):
-    """The registered version trained from this config and dataset, or None."""
-    client, _ = _client(tracking_uri)
+    """The registered version trained from this config and dataset, or None.
+
+    Raises RegistryError if the registry cannot answer: an outage must not read as
+    "not registered" (which would retrain and register a duplicate).
+    """
+    uri = resolve_tracking_uri(tracking_uri or "")
+    if not _registry_exists(uri):
+        return None  # nothing registered yet; training creates the database
+    client, _ = _client(uri)
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:  # noqa: BLE001 - no such registered model yet
-        return None
+    except Exception as e:
+        if mlflow_error_is(e, _NOT_FOUND):
+            return None
+        raise _failing(f"looking up {name}", uri, e) from e
     for v in versions:
         if v.tags.get("config_hash") == config_hash and v.tags.get("manifest_sha") == manifest_sha:
             return v
@@ -69,26 +108,29 @@ def register(model, *, name: str, run_id: str, config: dict, report: dict, rd_po
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / ARTIFACT_DIR
         d.mkdir()
-        save_weights(model, d / "model.safetensors")
+        save_weights(model, d / WEIGHTS_FILE)
         (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (d / "bitrate_report.json").write_text(json.dumps(report, indent=2))
         (d / "rd_point.json").write_text(json.dumps(rd_point, indent=2))
-        digest = sha256_file(d / "model.safetensors")
+        digest = sha256_file(d / WEIGHTS_FILE)
         client.log_artifacts(run_id, str(d), ARTIFACT_DIR)
     try:
         client.create_registered_model(name, description=f"compresszoo {name}")
-    except Exception:  # noqa: BLE001 - exists already
-        pass
+    except Exception as e:
+        if not mlflow_error_is(e, "RESOURCE_ALREADY_EXISTS"):
+            raise _failing(f"registering {name}", uri, e) from e
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
     version = client.create_model_version(
         name, source, run_id=run_id,
         tags={**{k: str(v) for k, v in tags.items()}, "weights_sha256": digest, "val_loss": repr(val_loss)})
-    champion = False
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        champion = val_loss < float(current.tags.get("val_loss", "inf"))
-    except Exception:  # noqa: BLE001 - no champion yet
-        champion = True
+        # The alias map says "no champion yet" without relying on an exception, so a
+        # failing registry raises instead of handing the alias to this version.
+        current = client.get_registered_model(name).aliases.get(CHAMPION)
+        champion = current is None or val_loss < float(
+            client.get_model_version(name, str(current)).tags.get("val_loss", "inf"))
+    except Exception as e:
+        raise _failing(f"checking the {CHAMPION} of {name}", uri, e) from e
     if champion:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return str(version.version), champion
@@ -109,44 +151,101 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESSZOO_CACHE", Path.home() / ".cache" / "compresszoo"))
 
 
-def download(ref: str, tracking_uri: str | None = None) -> Path:
-    """Download a registered version's weights into the cache (verified); return the file."""
+def cache_path(name: str, version) -> Path:
+    """Where version `version` of `name` is cached; refuses anything that is not a positive
+    integer version or that would resolve outside the cache (the version comes from the
+    server, which must not choose where this client writes)."""
+    v = str(version)
+    if not _VERSION.match(v):
+        raise RegistryError(f"model {name}: the registry returned version {v!r}, not a positive integer; "
+                            "refusing to use it as a cache path")
+    root = cache_dir().resolve()
+    target = (root / name / v / WEIGHTS_FILE).resolve()
+    if not target.is_relative_to(root):
+        raise RegistryError(f"model {name} version {v}: cache path {target} is outside the cache {root}; "
+                            "use a plain model name")
+    return target
+
+
+def _locate(ref: str, tracking_uri: str | None):
+    """(name, version, expected sha256, source uri, tracking uri) of a reference."""
     name, alias, version = parse_ref(ref)
-    client, uri = _client(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri or "")
+    if not _registry_exists(uri):
+        raise RegistryError(f"no MLflow registry at {uri} (the database file does not exist); set "
+                            "MLFLOW_TRACKING_URI (or pass tracking_uri) to the registry holding "
+                            f"{name}, e.g. sqlite:////abs/path/mlflow.db or http://host:5000")
+    client, _ = _client(uri)
     try:
-        if version:
-            mv = client.get_model_version(name, version)
-        else:
-            mv = client.get_model_version_by_alias(name, alias or CHAMPION)
-    except Exception as e:  # noqa: BLE001 - MLflow raises many types for "missing" and "down"
-        kind = "unreachable" if "connect" in str(e).lower() or "Max retries" in str(e) else "not found"
-        raise RegistryError(f"model {ref!r} {kind} in the MLflow registry at {uri} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); check the name, alias and MLFLOW_TRACKING_URI") from None
+        if not version:
+            # Aliases are read from the registered model: a missing alias is then plainly
+            # absent (MLflow reports it as INVALID_PARAMETER_VALUE, not as "not found").
+            alias = alias or CHAMPION
+            version = client.get_registered_model(name).aliases.get(alias)
+            if version is None and alias.lower() == "latest":  # MLflow's implicit alias
+                version = client.get_model_version_by_alias(name, alias).version
+        mv = client.get_model_version(name, str(version)) if version is not None else None
+    except Exception as e:
+        if not mlflow_error_is(e, _NOT_FOUND):
+            raise RegistryError(f"model {ref!r} unreachable: the MLflow registry at {uri} is unreachable or "
+                                f"failing ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+                                "check MLFLOW_TRACKING_URI and the server") from e
+        mv = None
+    if mv is None:
+        raise RegistryError(f"model {ref!r} not found in the MLflow registry at {uri}; "
+                            "check the name, alias and MLFLOW_TRACKING_URI")
     expected = mv.tags.get("weights_sha256")
-    target = cache_dir() / name / str(mv.version) / "model.safetensors"
-    if target.exists() and expected and sha256_file(target) == expected:
-        return target
+    if not expected:
+        raise RegistryError(f"model {name} version {mv.version} at {uri} has no weights_sha256 tag; "
+                            "refusing unverifiable weights (register it again with compresszoo)")
+    return name, str(mv.version), expected, mv.source, uri
+
+
+def _download(ref: str, tracking_uri: str | None = None) -> tuple[Path, str]:
+    """Make sure the verified weights are cached; return (cached file, expected sha256)."""
+    name, version, expected, source, uri = _locate(ref, tracking_uri)
+    target = cache_path(name, version)
+    if target.exists() and sha256_file(target) == expected:
+        return target, expected
     import mlflow.artifacts
 
-    tmp = Path(tempfile.mkdtemp(prefix="compresszoo-dl-"))
+    tmp = tempfile.mkdtemp(prefix="compresszoo-dl-")
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/model.safetensors",
-                                                    dst_path=str(tmp), tracking_uri=uri)
-        got = sha256_file(local)
-        if expected and got != expected:
-            raise RegistryError(f"model {name} version {mv.version} from {uri}: checksum mismatch "
-                                f"(expected {expected[:12]}, got {got[:12]}); the artifact is corrupted")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staged = target.with_name(target.name + ".tmp")
-        shutil.copyfile(local, staged)
-        os.replace(staged, target)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{WEIGHTS_FILE}", dst_path=tmp,
+                                                    tracking_uri=uri)
+        # Each download stages under its own name, is hashed there and only then renamed
+        # into place: concurrent first downloads never share or expose a partial file.
+        with storage.staged_file(target) as staged:
+            shutil.copyfile(local, staged)
+            got = sha256_file(staged)
+            if got != expected:
+                raise RegistryError(f"model {name} version {version} from {uri}: checksum mismatch "
+                                    f"(expected {expected[:12]}, got {got[:12]}); the artifact is corrupted")
+            delay = float(os.environ.get("COMPRESSZOO_TEST_SLOW_COPY") or 0)
+            if delay > 0:  # test hook: widen the window between staging and rename
+                time.sleep(delay)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return target, expected
+
+
+def download(ref: str, tracking_uri: str | None = None) -> Path:
+    """Download a registered version's weights into the cache (verified); return the file."""
+    return _download(ref, tracking_uri)[0]
 
 
 def load_registered(ref: str, tracking_uri: str | None = None):
     """NAME[@ALIAS|:VERSION] -> an eval-mode model with its CDF tables, from the registry."""
     from .models.io import load_weights
 
-    return load_weights(download(ref, tracking_uri))
+    path, expected = _download(ref, tracking_uri)
+    # Load a private copy hashed after copying: the bytes loaded are the bytes verified,
+    # whatever happens to the shared cache file meanwhile.
+    with tempfile.TemporaryDirectory(prefix="compresszoo-load-") as tmp:
+        private = Path(tmp) / WEIGHTS_FILE
+        shutil.copyfile(path, private)
+        got = sha256_file(private)
+        if got != expected:
+            raise RegistryError(f"model {ref!r}: the cached file {path} changed after verification "
+                                f"(expected {expected[:12]}, got {got[:12]}); load it again")
+        return load_weights(private)

@@ -60,13 +60,26 @@ def find_run(tracking_uri: str | None, experiment: str, run_key: str):
     return runs[0] if runs else None
 
 
+def mlflow_error_is(exc: BaseException, code: str) -> bool:
+    """True if `exc` is an MlflowException carrying the protocol error code `code`
+    (e.g. RESOURCE_DOES_NOT_EXIST, RESOURCE_ALREADY_EXISTS). Stores and servers report
+    "missing" and "exists" with these codes; anything else is a failure, not an answer."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == code
+
+
 def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # noqa: BLE001 - a concurrent creator won the race
+    except Exception as e:
+        # Only a concurrent creator winning the race is expected; outages and bad
+        # settings propagate.
+        if not mlflow_error_is(e, "RESOURCE_ALREADY_EXISTS"):
+            raise
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .models.loss import RateDistortionLoss
 from .models.io import WEIGHTS_FILE
+from .models.loss import RateDistortionLoss
 from .models.registry import build
 
 STATE_FILE, OPTIM_FILE = "state.json", "optim.pt"
@@ -337,6 +337,9 @@ def _gather(obj, world: int) -> list:
 
 
 def _psnr(mse: float) -> float:
+    """PSNR in dB of a mean squared error on [0, 1] pixels: the scalar form of
+    models.loss.psnr (which takes images), for the training and validation MSE the loss
+    already computed. Same convention: mse 0 -> inf."""
     if not math.isfinite(mse):
         return float("nan")
     return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")

@@ -156,6 +156,9 @@ def test_zoo_functions_build_the_right_model(tmp_path, monkeypatch):
     from compresszoo.registry_client import RegistryError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/empty.db")
+    from compresszoo.tracking import client
+
+    client().search_experiments()  # an empty registry that exists (a missing one is refused)
     with pytest.raises(RegistryError, match=r"'mbt2018-mse-q3@champion' not found .*empty\.db"):
         zoo.mbt2018(3, pretrained=True)
     with pytest.raises(ValueError, match="quality"):

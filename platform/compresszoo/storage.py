@@ -77,8 +77,18 @@ def is_remote(uri: str | os.PathLike) -> bool:
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """Join path parts onto a URI or local path with '/' (keeps the scheme)."""
+    """Join relative path parts onto a URI or local path with '/' (keeps the scheme).
+
+    The result always stays under `base`: a part that is absolute or has a '..' component
+    (which os.path.join would let replace or climb out of `base`) raises ValueError.
+    """
     base = os.fspath(base)
+    for part in parts:
+        text = os.fspath(part)
+        pieces = text.replace(os.sep, "/").split("/")
+        if text.startswith(("/", os.sep)) or os.path.isabs(text) or "://" in text or ".." in pieces:
+            raise ValueError(f"path part {text!r} is absolute or climbs with '..'; "
+                             f"give a path relative to {base!r}")
     if "://" in base:
         return posixpath.join(base.rstrip("/"), *parts)
     return os.path.join(base, *parts)

@@ -57,13 +57,33 @@ def _int32_1d(value, name: str) -> np.ndarray:
 
 
 def pad_cdfs(rows) -> np.ndarray:
-    """Stack CDF rows of unequal length into one zero-padded 2-D int32 array."""
-    rows = [np.asarray(r).reshape(-1) for r in rows]
+    """Stack CDF rows of unequal length into one zero-padded 2-D int32 array.
+
+    Each row is checked as a 2-D `cdfs` array is (integers that fit int32, same ValueError),
+    so a ragged list is never silently truncated or wrapped on assignment.
+    """
+    rows = [_cdf_row(r, i) for i, r in enumerate(rows)]
     width = max((len(r) for r in rows), default=0)
     out = np.zeros((len(rows), width), dtype=np.int32)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
+
+
+def _cdf_row(row, i: int) -> np.ndarray:
+    try:
+        arr = np.asarray(row)
+    except ValueError:  # a row that is itself ragged
+        raise ValueError(f"cdfs: row {i} is not a flat sequence of integers") from None
+    return _cdf_values(arr.reshape(-1))
+
+
+def _cdf_values(table: np.ndarray) -> np.ndarray:
+    """`table` as int32, or the ValueError every cdfs input gets for non-int32 values."""
+    if table.size and table.dtype != np.int32:
+        if table.dtype.kind not in "iu" or table.min() < -(2**31) or table.max() >= 2**31:
+            raise ValueError(f"cdfs: expected int32 values, got dtype {table.dtype}")
+    return table.astype(np.int32, copy=False)
 
 
 def _tables(cdfs, cdf_lengths, offsets):
@@ -79,10 +99,7 @@ def _tables(cdfs, cdf_lengths, offsets):
             f"cdfs: expected a 2-D array (one padded row per table), got shape {table.shape}; "
             "stack the rows with compresszoo.ans.rans.pad_cdfs"
         )
-    if table.size and table.dtype != np.int32:
-        if table.dtype.kind not in "iu" or table.min() < -(2**31) or table.max() >= 2**31:
-            raise ValueError(f"cdfs: expected int32 values, got dtype {table.dtype}")
-    table = np.ascontiguousarray(table, dtype=np.int32)
+    table = np.ascontiguousarray(_cdf_values(table))
     lengths = _int32_1d(cdf_lengths, "cdf_lengths")
     offs = _int32_1d(offsets, "offsets")
     n = table.shape[0]

@@ -7,6 +7,9 @@ present and Pillow otherwise; tests check both give the same pixels. Choose with
 COMPRESSZOO_PNG_DECODER=auto|spng|pillow (auto: spng when installed). torchvision's
 decode_png is not used: its libpng error handler ends the whole process on some corrupt
 IDAT streams, and a Ray worker that dies on bad data is worse than a slow one.
+
+Every decoder reads the declared size first (the PNG IHDR, the QOI header, Pillow's lazy
+size) and refuses more than limits.MAX_PIXELS (COMPRESSZOO_MAX_PIXELS) before it allocates.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from compresszoo.limits import MAX_PIXELS, LimitError
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QOI_MAGIC = b"qoif"
 _QOI_HEADER = 14
 _QOI_END = b"\x00" * 7 + b"\x01"
-_QOI_MAX_PIXELS = 1 << 26  # 8192 x 8192: a corrupt header must not allocate gigabytes
 _COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 
 
@@ -32,6 +36,22 @@ class BadImage(ValueError):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
         self.kind = kind
+
+
+class ImageTooLarge(BadImage, LimitError):
+    """A frame whose declared size exceeds limits.MAX_PIXELS: a BadImage ('unreadable', so the
+    sharder and the reader skip and count it) that is also a LimitError."""
+
+    def __init__(self, reason: str):
+        super().__init__("unreadable", reason)
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    """Refuse a declared size over the pixel limit, before anything is decoded."""
+    try:
+        MAX_PIXELS.check(width * height, f"{what} of {width}x{height}")
+    except LimitError as e:
+        raise ImageTooLarge(str(e)) from None
 
 
 @functools.cache
@@ -68,6 +88,7 @@ def decode_rgb(data: bytes, decoder: str | None = None) -> np.ndarray:
         depth, color = data[24], data[25]
         if (depth, color) != (8, 2):
             raise BadImage("not_rgb", f"PNG {_COLOR_TYPES.get(color, color)} {depth}-bit, expected 8-bit RGB")
+        _check_pixels(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), "PNG")
         if decoder == "spng":
             return _decode_spng(data)
     return _decode_pillow(data)
@@ -88,12 +109,15 @@ def _decode_spng(data: bytes) -> np.ndarray:
 def _decode_pillow(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _check_pixels(*im.size, f"{im.format or 'image'}")  # the size is parsed lazily: nothing decoded yet
             im.load()
             if im.mode != "RGB":
                 raise BadImage("not_rgb", f"mode {im.mode}, expected RGB")
             return np.asarray(im)
-    except BadImage:
+    except BadImage:  # ImageTooLarge included
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own cap, met only if ours was raised past it
+        raise ImageTooLarge(f"{e} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:  # its message names a memory address: not reproducible
         raise BadImage("unreadable", "not a recognized image format") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
@@ -117,8 +141,7 @@ def _decode_qoi(data: bytes) -> np.ndarray:
     width, height = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
     if data[12] != 3:
         raise BadImage("not_rgb", f"QOI with {data[12]} channels, expected 3 (RGB)")
-    if width * height > _QOI_MAX_PIXELS:
-        raise BadImage("unreadable", f"QOI header says {width}x{height}: over {_QOI_MAX_PIXELS} pixels")
+    _check_pixels(width, height, "QOI")
     if not data.endswith(_QOI_END):  # the decoder itself fills a truncated stream silently
         raise BadImage("unreadable", "QOI data is truncated (no end marker)")
     codecs = _imagecodecs("decoding a QOI frame")

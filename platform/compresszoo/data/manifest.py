@@ -56,8 +56,20 @@ class ShardInfo:
     row_groups: tuple[int, ...]  # rows in each Parquet row group
 
     @classmethod
-    def from_json(cls, d: dict) -> ShardInfo:
-        return cls(d["path"], d["split"], int(d["rows"]), int(d["bytes"]), d["sha256"], tuple(d["row_groups"]))
+    def from_json(cls, d) -> ShardInfo:
+        """Parse one `shards` entry; raise ValueError saying which field is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a shard entry is {type(d).__name__}, expected an object")
+        path, split, sha = (_field(d, k, str) for k in ("path", "split", "sha256"))
+        rows, nbytes = (_field(d, k, int) for k in ("rows", "bytes"))
+        groups = _field(d, "row_groups", list)
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            raise ValueError(f"shard path {path!r} must be relative to the manifest's folder, without '..'")
+        if rows < 0 or nbytes < 0:
+            raise ValueError(f"shard {path!r}: rows {rows} and bytes {nbytes} must not be negative")
+        if not all(_is_int(n) and n > 0 for n in groups) or sum(groups) != rows:
+            raise ValueError(f"shard {path!r}: row_groups must be positive integers adding up to rows={rows}")
+        return cls(path, split, rows, nbytes, sha, tuple(groups))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -121,20 +133,57 @@ class Manifest:
             ) from None
         except (OSError, ValueError) as e:
             raise ManifestError(f"{path}: unreadable manifest ({e}); rerun the sharder to rewrite it") from None
-        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        except RecursionError:
+            raise ManifestError(f"{path}: unreadable manifest (nested too deeply); rerun the sharder to rewrite it") from None
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{path}: the manifest is a JSON {type(doc).__name__}, not an object; rerun the sharder")
+        if doc.get("format") != FORMAT or not _is_int(doc.get("format_version")) \
+                or doc.get("format_version") != FORMAT_VERSION:
             raise ManifestError(
-                f"{path}: format {doc.get('format')!r} version {doc.get('format_version')!r}; "
+                f"{path}: format {_short(doc.get('format'))} version {_short(doc.get('format_version'))}; "
                 f"this code reads {FORMAT!r} version {FORMAT_VERSION}; rerun the sharder"
             )
-        return cls(
-            root=root,
-            shards=[ShardInfo.from_json(s) for s in doc["shards"]],
-            tuplet=doc.get("tuplet", ""),
-            source=doc.get("source", {}),
-            params=doc.get("params", {}),
-            bad_input=doc.get("bad_input", {}),
-            codec=doc.get("codec", ""),
-        )
+        try:
+            shards = [ShardInfo.from_json(s) for s in _field(doc, "shards", list)]
+            codec = _field(doc, "codec", str)
+            if codec not in CODECS:
+                raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+            manifest = cls(
+                root=root,
+                shards=shards,
+                tuplet=_field(doc, "tuplet", str, ""),
+                source=_field(doc, "source", dict, {}),
+                params=_field(doc, "params", dict, {}),
+                bad_input=_field(doc, "bad_input", dict, {}),
+                codec=codec,
+            )
+        except ValueError as e:
+            raise ManifestError(f"{path}: malformed manifest ({e}); rerun the sharder to rewrite it") from None
+        return manifest
+
+
+_MISSING = object()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not here
+
+
+def _field(doc: dict, key: str, kind: type, default=_MISSING):
+    """doc[key], checked to be of `kind` (int excludes bool); `default` when absent, if given."""
+    value = doc.get(key, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ValueError(f"{key!r} is missing")
+        return default
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
+        raise ValueError(f"{key!r} is {type(value).__name__} {_short(value)}, expected {kind.__name__}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def manifest_uri(root: str) -> str:

@@ -38,6 +38,9 @@ time are read again from their start (at most shuffle_buffer + a few fragments o
 rank are repeated, no frame is lost). The world size may change between save and restore;
 the order after a resume differs from the uninterrupted one. Ranks saved in different
 epochs (possible with even_batches=False) resume at the latest one.
+A position is untrusted input: every field is type- and range-checked and the bitmap is
+inflated to exactly the manifest's fragment count, never more (PositionError otherwise;
+its text is at most COMPRESSZOO_MAX_POSITION_BYTES).
 
 Resources. Each stream decodes in Ray Data tasks of `task_cpus` CPUs (up to `concurrency`
 at once, default: as many as fit), outside the training process: leave the cluster CPUs for
@@ -67,13 +70,15 @@ import pyarrow.parquet as pq
 from compresszoo import storage
 from compresszoo.data.images import BadImage, decode_rgb
 from compresszoo.data.manifest import Manifest, ShardError, ShardInfo
+from compresszoo.limits import MAX_POSITION_BYTES, LimitError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TrainStream", "validation_batches", "ShardError"]
+__all__ = ["TrainStream", "validation_batches", "ShardError", "PositionError"]
 
 POSITION_VERSION = 1
+_MAX_EPOCH = 2**31  # far beyond any run; keeps the epoch a valid seed word
 _MAX_NAMED_SKIPS = 100
 _MAX_BLOCKS = 4096
 
@@ -248,9 +253,76 @@ def _encode_bitmap(mask: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode()
 
 
+class PositionError(ValueError):
+    """A saved data position that is malformed; the message names the field."""
+
+
+class PositionLimitError(PositionError, LimitError):
+    """A saved data position larger than limits.MAX_POSITION_BYTES allows."""
+
+
 def _decode_bitmap(text: str, n: int) -> np.ndarray:
-    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint8)
-    return np.unpackbits(bits)[:n].astype(bool)
+    """The `consumed` bitmap of n fragments. It must inflate to exactly ceil(n / 8) bytes: no
+    more than that (and never more than MAX_POSITION_BYTES) is ever decompressed."""
+    need = (n + 7) // 8
+    try:
+        limit = MAX_POSITION_BYTES.check(need, f"data position of {n} fragments")
+        raw = base64.b64decode(text, validate=True)
+        inflate = zlib.decompressobj()
+        bits = inflate.decompress(raw, need + 1)
+    except LimitError as e:
+        raise PositionLimitError(str(e)) from None
+    except (ValueError, zlib.error) as e:  # binascii.Error is a ValueError
+        raise PositionError(f"data position 'consumed' is not base64 zlib data ({e})") from None
+    if len(bits) > need or inflate.unconsumed_tail:
+        raise PositionError(f"data position 'consumed' inflates to more than the {need} bytes "
+                            f"{n} fragments need (a position is at most {limit:,} bytes)")
+    if not inflate.eof or inflate.unused_data:
+        raise PositionError("data position 'consumed' is truncated or has trailing bytes")
+    if len(bits) != need:
+        raise PositionError(f"data position 'consumed' holds {len(bits)} bytes; {n} fragments need {need}")
+    return np.unpackbits(np.frombuffer(bits, np.uint8))[:n].astype(bool)
+
+
+def _int_field(p: dict, key: str, lo: int, hi: int | None = None) -> int:
+    value = p.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value >= hi):
+        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise PositionError(f"data position {key!r} is {_short(value)}; expected an integer {bound}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_position(p) -> dict:
+    """Check the type and range of every field of one rank's saved position; return it."""
+    if not isinstance(p, dict):
+        raise PositionError(f"a data position is {type(p).__name__}; expected the dict from position()")
+    version = p.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != POSITION_VERSION:
+        raise PositionError(f"data position version {_short(version)}; this code reads {POSITION_VERSION}")
+    _int_field(p, "seed", -(2**63), 2**64)
+    _int_field(p, "epoch", 0, _MAX_EPOCH)
+    _int_field(p, "fragments", 1)
+    world = _int_field(p, "world_size", 1)
+    _int_field(p, "rank", 0, world)
+    consumed = p.get("consumed")
+    if not isinstance(consumed, str):
+        raise PositionError(f"data position 'consumed' is {_short(consumed)}; expected a string")
+    try:
+        MAX_POSITION_BYTES.check(len(consumed), "data position 'consumed'")
+    except LimitError as e:
+        raise PositionLimitError(str(e)) from None
+    nxt = p.get("next")
+    if nxt is not None and not (
+        isinstance(nxt, dict) and isinstance(nxt.get("shard"), str)
+        and isinstance(nxt.get("row_group"), int) and not isinstance(nxt.get("row_group"), bool)
+    ):
+        raise PositionError(f"data position 'next' is {_short(nxt)}; expected null or {{shard, row_group}}")
+    return p
 
 
 class TrainStream:
@@ -317,23 +389,27 @@ class TrainStream:
         }
 
     def _restore(self, position: dict | list[dict]) -> None:
-        positions = [position] if isinstance(position, dict) else list(position)
+        if isinstance(position, dict):
+            positions = [position]
+        elif isinstance(position, (list, tuple)) and position:
+            positions = list(position)
+        else:
+            raise PositionError(f"data position is {_short(position)}; pass position() or a non-empty list of them")
         for p in positions:
-            if p.get("version") != POSITION_VERSION:
-                raise ValueError(f"data position version {p.get('version')!r}; this code reads {POSITION_VERSION}")
+            _check_position(p)
             if p["seed"] != self.seed:
-                raise ValueError(f"the saved data position used seed {p['seed']}; this stream uses seed {self.seed}")
+                raise PositionError(f"the saved data position used seed {p['seed']}; this stream uses seed {self.seed}")
         self.epoch = max(p["epoch"] for p in positions)
         self._consumed[:] = False
         why = None
         if any(p["fragments"] != len(self.fragments) for p in positions):
             why = "the dataset changed since it was saved"
-        elif len(positions) != positions[0].get("world_size", 1):
-            why = f"it holds {len(positions)} of {positions[0].get('world_size')} ranks (save every rank's position())"
+        elif len(positions) != positions[0]["world_size"]:
+            why = f"it holds {len(positions)} of {positions[0]['world_size']} ranks (save every rank's position())"
         if why:
             warnings.warn(f"data position: {why}; restarting epoch {self.epoch} from its beginning", stacklevel=3)
             return
-        for p in positions:
+        for p in positions:  # one bitmap at a time, each of exactly the manifest's size
             if p["epoch"] == self.epoch:
                 self._consumed |= _decode_bitmap(p["consumed"], len(self.fragments))
 

@@ -1,15 +1,18 @@
 """The zoo in one table: architecture -> builder, quality -> (N, M, lambda), debug flavors.
 
 create_model() is the one factory; it validates a request once and says how to fix it.
+spec_from_dict() is the one parser of a spec that came from a file (weights metadata).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..limits import MAX_CHANNELS
 from .architectures import (
     CompressionModel,
     FactorizedPrior,
@@ -105,6 +108,45 @@ def model_spec(name: str, quality: int, metric: str = "mse", *, N: int | None = 
     if n <= 0 or m <= 0:
         raise ValueError(f"channel counts must be positive, got N={n}, M={m}")
     return ModelSpec(name, quality, metric, n, m, float(lmbda if lmbda is not None else lambda_for(quality, metric)))
+
+
+def spec_from_dict(d) -> ModelSpec:
+    """A ModelSpec from untrusted data (e.g. a weights file's metadata), every field checked.
+
+    Raises ValueError naming the bad field, or limits.LimitError (a ValueError) when N or M
+    exceeds limits.MAX_CHANNELS: no model is built from a spec this has not passed.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"the spec is {type(d).__name__}, expected an object")
+    fields = tuple(ModelSpec.__dataclass_fields__)
+    missing = [k for k in fields if k not in d]
+    unknown = [k for k in d if k not in fields]
+    if missing or unknown:
+        wrong = ", ".join([f"missing {k!r}" for k in missing] + [f"unknown {_short(k)}" for k in unknown[:5]])
+        raise ValueError(f"spec fields: {wrong}; expected {', '.join(fields)}")
+    arch, metric, quality = d["architecture"], d["metric"], d["quality"]
+    for kind, value, valid in (("architecture", arch, tuple(ARCHITECTURES)), ("metric", metric, METRICS)):
+        if not isinstance(value, str) or value not in valid:
+            raise ValueError(f"unknown {kind} {_short(value)}; valid: {', '.join(valid)}")
+    if not _is_int(quality) or quality not in QUALITIES:
+        raise ValueError(f"quality {_short(quality)} is not an integer in {QUALITIES[0]}..{QUALITIES[-1]}")
+    for key in ("N", "M"):
+        if not _is_int(d[key]) or d[key] <= 0:
+            raise ValueError(f"{key}={_short(d[key])} is not a positive integer channel count")
+        MAX_CHANNELS.check(d[key], f"spec {key}")
+    lmbda = d["lmbda"]
+    if not isinstance(lmbda, (int, float)) or isinstance(lmbda, bool) or not math.isfinite(lmbda) or lmbda <= 0:
+        raise ValueError(f"lmbda={_short(lmbda)} is not a positive finite number")
+    return ModelSpec(arch, quality, metric, d["N"], d["M"], float(lmbda))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)  # repr escapes control characters: safe to print
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def build(spec: ModelSpec) -> CompressionModel:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import layers as L
+from . import portable as P
 from .entropy import EntropyBottleneck, EntropyModel, GaussianConditional, get_scale_table
 
 
@@ -40,7 +41,26 @@ class CompressionModel(nn.Module):
                 updated |= m.update(force=force)
             elif isinstance(m, GaussianConditional):
                 updated |= m.update_scale_table(table, force=force)
+        self._portable_cache = None
         return updated
+
+    #: the modules whose outputs the decoder must reproduce exactly (see portable.py)
+    portable_modules: tuple[str, ...] = ()
+
+    def portable_layers(self, name: str, device: torch.device) -> list:
+        """The fixed-point form of one of `portable_modules`, derived from the current float
+        weights and rebuilt whenever a parameter changed (in-place updates bump `_version`)."""
+        params = [p for n in self.portable_modules for p in getattr(self, n).parameters()]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cache = getattr(self, "_portable_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, {n: self._build_portable(n) for n in self.portable_modules})
+            self._portable_cache = cache
+        layers = cache[1][name]
+        return P.on_device(layers, device)
+
+    def _build_portable(self, name: str) -> list:
+        return P.fixed_stack(getattr(self, name))
 
     def aux_loss(self) -> Tensor:
         return sum(m.loss() for m in self.modules() if isinstance(m, EntropyBottleneck))
@@ -74,8 +94,9 @@ class FactorizedPrior(CompressionModel):
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_lik}}
 
     @torch.no_grad()
-    def compress(self, x: Tensor, return_latents: bool = False) -> dict:
-        """{"strings": [y streams], "shape": y size}; return_latents adds the encoder's y_hat."""
+    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False) -> dict:
+        """{"strings": [y streams], "shape": y size}; return_latents adds the encoder's y_hat.
+        portable changes nothing here: the factorized tables depend on no computed value."""
         y = self.g_a(x)
         out = {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
         if return_latents:
@@ -84,7 +105,7 @@ class FactorizedPrior(CompressionModel):
         return out
 
     @torch.no_grad()
-    def decompress(self, strings, shape) -> dict:
+    def decompress(self, strings, shape, portable: bool = False) -> dict:
         self._check_strings(strings, 1, type(self).__name__)
         y_hat = self.entropy_bottleneck.decompress(strings[0], shape)
         return {"x_hat": self.g_s(y_hat).clamp_(0, 1), "y_hat": y_hat}
@@ -107,9 +128,20 @@ class ScaleHyperprior(CompressionModel):
     def _hyper_input(self, y: Tensor) -> Tensor:
         return torch.abs(y)
 
+    portable_modules = ("h_s",)
+
     def _gaussian_params(self, z_hat: Tensor):
         """(scales, means) predicted from the hyper latent."""
         return self.h_s(z_hat), None
+
+    def _coding_params(self, z_hat: Tensor, portable: bool):
+        """(scales, means) for coding: the float layers, or their exact fixed-point replay."""
+        if not portable:
+            return self._gaussian_params(z_hat)
+        return self._split_params(P.run_stack(self.portable_layers("h_s", z_hat.device), z_hat))
+
+    def _split_params(self, out: Tensor):
+        return out, None
 
     def forward(self, x: Tensor) -> dict:
         y = self.g_a(x)
@@ -118,33 +150,43 @@ class ScaleHyperprior(CompressionModel):
         y_hat, y_lik = self.gaussian_conditional(y, scales, means=means)
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_lik, "z": z_lik}}
 
-    def _code_z(self, y: Tensor):
+    def _code_z(self, y: Tensor, portable: bool = False):
+        """(z streams, z as the decoder will see it: float z_hat, or portable fixed point)."""
         z = self.h_a(self._hyper_input(y))
         z_strings = self.entropy_bottleneck.compress(z)
         # Decode z exactly as the decoder will, so both sides share the same tables.
-        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        return z_strings, z_hat
+        return z_strings, self._decode_z(z_strings, z.shape[-2:], portable)
+
+    def _decode_z(self, strings, shape, portable: bool) -> Tensor:
+        if portable:
+            return self.entropy_bottleneck.decompress_fixed(strings, shape, P.A_FRAC)
+        return self.entropy_bottleneck.decompress(strings, shape)
 
     @torch.no_grad()
-    def compress(self, x: Tensor, return_latents: bool = False) -> dict:
-        """{"strings": [y streams, z streams], "shape": z size}; optionally the encoder's y_hat."""
+    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False) -> dict:
+        """{"strings": [y streams, z streams], "shape": z size}; optionally the encoder's y_hat.
+
+        portable=False computes scales and means with the float layers, as CompressAI does
+        (the streams decode where the float arithmetic is the same); portable=True with their
+        exact fixed-point form (decodes on any CPU, thread count or GPU; portable.py)."""
         y = self.g_a(x)
-        z_strings, z_hat = self._code_z(y)
-        scales, means = self._gaussian_params(z_hat)
+        z_strings, z_hat = self._code_z(y, portable)
+        scales, means = self._coding_params(z_hat, portable)
         indexes = self.gaussian_conditional.build_indexes(scales)
         y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
         out = {"strings": [y_strings, z_strings], "shape": z_hat.shape[-2:]}
         if return_latents:
-            out["y_hat"] = self.gaussian_conditional.quantize(y, "dequantize", means)
+            out["y_hat"] = self.gaussian_conditional.quantize(y, "dequantize", means).to(y.dtype)
         return out
 
     @torch.no_grad()
-    def decompress(self, strings, shape) -> dict:
+    def decompress(self, strings, shape, portable: bool = False) -> dict:
         self._check_strings(strings, 2, type(self).__name__)
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
-        scales, means = self._gaussian_params(z_hat)
+        z_hat = self._decode_z(strings[1], shape, portable)
+        scales, means = self._coding_params(z_hat, portable)
         indexes = self.gaussian_conditional.build_indexes(scales)
-        y_hat = self.gaussian_conditional.decompress(strings[0], indexes, z_hat.dtype, means=means)
+        dtype = self.g_s[0].weight.dtype
+        y_hat = self.gaussian_conditional.decompress(strings[0], indexes, dtype, means=means).to(dtype)
         return {"x_hat": self.g_s(y_hat).clamp_(0, 1), "y_hat": y_hat}
 
 
@@ -161,6 +203,9 @@ class MeanScaleHyperprior(ScaleHyperprior):
 
     def _gaussian_params(self, z_hat: Tensor):
         return self.h_s(z_hat).chunk(2, 1)
+
+    def _split_params(self, out: Tensor):
+        return out.chunk(2, 1)
 
 
 class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
@@ -194,27 +239,106 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         _, y_lik = self.gaussian_conditional(y, scales, means=means)
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_lik, "z": z_lik}}
 
+    portable_modules = ("h_s", "context_prediction", "entropy_parameters")
+
+    def _build_portable(self, name: str) -> list:
+        if name == "context_prediction":
+            cp = self.context_prediction
+            return [P.fixed_layer(cp, None, weight=cp.masked_weight())]
+        return super()._build_portable(name)
+
+    def _hyper_params(self, z_hat: Tensor, portable: bool) -> Tensor:
+        """h_s(z_hat): float, or (portable, z_hat in fixed point) integers at A_FRAC bits."""
+        if not portable:
+            return self.h_s(z_hat)
+        return P.run_stack(self.portable_layers("h_s", z_hat.device), z_hat, real_output=False)
+
     @torch.no_grad()
-    def compress(self, x: Tensor, return_latents: bool = False) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False) -> dict:
         y = self.g_a(x)
-        z_strings, z_hat = self._code_z(y)
-        params = self.h_s(z_hat)
-        coded = [self._wavefront(params[i:i + 1], y=y[i:i + 1]) for i in range(y.size(0))]
+        z_strings, z_hat = self._code_z(y, portable)
+        params = self._hyper_params(z_hat, portable)
+        code = self._wavefront_portable if portable else self._wavefront
+        coded = [code(params[i:i + 1], y=y[i:i + 1]) for i in range(y.size(0))]
         out = {"strings": [[c[0] for c in coded], z_strings], "shape": z_hat.shape[-2:]}
         if return_latents:
             out["y_hat"] = torch.cat([c[1] for c in coded])
         return out
 
     @torch.no_grad()
-    def decompress(self, strings, shape) -> dict:
+    def decompress(self, strings, shape, portable: bool = False) -> dict:
         self._check_strings(strings, 2, type(self).__name__)
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
-        params = self.h_s(z_hat)
+        z_hat = self._decode_z(strings[1], shape, portable)
+        params = self._hyper_params(z_hat, portable)
         if len(strings[0]) != z_hat.size(0):
             raise ValueError(f"got {len(strings[0])} y streams for {z_hat.size(0)} z streams")
-        y_hat = torch.cat([self._wavefront(params[i:i + 1], data=s)[1]
-                           for i, s in enumerate(strings[0])])
+        code = self._wavefront_portable if portable else self._wavefront
+        y_hat = torch.cat([code(params[i:i + 1], data=s)[1] for i, s in enumerate(strings[0])])
         return {"x_hat": self.g_s(y_hat).clamp_(0, 1), "y_hat": y_hat}
+
+    def _wavefront_portable(self, params: Tensor, y: Tensor | None = None, data: bytes | None = None):
+        """The wavefront coder on the exact path: context and entropy parameters in fixed
+        point (portable.py), so any thread count, kernel or device gives the same indexes and
+        means. The masked 5x5 context is one GEMM over the unmasked taps of each position.
+        One intra-op thread here is for speed only (the steps are small; threads cost more
+        than they give), not for exactness."""
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._wavefront_portable_1t(params, y, data)
+        finally:
+            torch.set_num_threads(saved)
+
+    def _wavefront_portable_1t(self, params: Tensor, y: Tensor | None, data: bytes | None):
+        from ..ans import rans
+
+        gc = self.gaussian_conditional
+        cdfs, lengths, offsets = gc.coding_tables()
+        M, k = self.M, self.KERNEL
+        pad = k // 2
+        H, W = params.shape[-2:]
+        dev = params.device
+        ctx_layer = self.portable_layers("context_prediction", dev)[0]
+        ep = self.portable_layers("entropy_parameters", dev)
+        th, tw = torch.nonzero(self.context_prediction.mask[0, 0], as_tuple=True)
+        th, tw = th.to(dev), tw.to(dev)
+        w_ctx = ctx_layer.weight[:, :, th, tw].reshape(2 * M, -1).t()  # (M*taps, 2M)
+        mats = [(la.weight.reshape(la.weight.shape[0], -1).t(), la.bias) for la in ep]
+        rows_p = params[0].reshape(params.shape[1], -1).t()  # (H*W, 2M), A_FRAC integers
+        y_fix = torch.zeros(M, (H + 2 * pad) * (W + 2 * pad), dtype=torch.float64, device=dev)
+        y_hat = torch.zeros(M, H * W, dtype=torch.float64, device=dev)
+        one = 2.0 ** P.A_FRAC
+        if y is None:
+            decoder = rans.RansDecoder(data)
+        else:
+            y_rows = y[0].reshape(M, -1).t()  # (H*W, M)
+            encoder = rans.RansEncoder()
+        with torch.autocast(dev.type, enabled=False):
+            for pos, centre, gather in _wavefronts(H, W, k, dev):
+                n = pos.numel()
+                crops = y_fix.index_select(1, gather).view(M, k, n, k)[:, th, :, tw]  # (taps, M, n)
+                acc = torch.addmm(ctx_layer.bias, crops.permute(2, 1, 0).reshape(n, -1), w_ctx)
+                h = torch.cat((rows_p.index_select(0, pos), ctx_layer.requantize(acc)), dim=1)
+                for i, (layer, (wt, b)) in enumerate(zip(ep, mats)):
+                    acc = torch.addmm(b, h, wt)
+                    h = layer.requantize(acc) if i < len(ep) - 1 else layer.real(acc)
+                scales, means = h.chunk(2, 1)  # (P, M), exact float64
+                indexes = gc.build_indexes(scales).cpu().numpy()
+                if y is None:
+                    sym = decoder.decode(indexes.reshape(-1), cdfs, lengths, offsets).reshape(indexes.shape)
+                    sym = torch.from_numpy(np.ascontiguousarray(sym)).to(dev)
+                else:
+                    sym = gc.quantize(y_rows.index_select(0, pos).double(), "symbols", means)
+                    encoder.encode_with_indexes(sym.cpu().numpy().reshape(-1), indexes.reshape(-1),
+                                                cdfs, lengths, offsets)
+                symf = sym.to(torch.float64)
+                y_fix.index_copy_(1, centre, (symf * one + torch.round(means * one)).clamp_(-P.A_LIMIT, P.A_LIMIT).t())
+                y_hat.index_copy_(1, pos, (symf + means).t())
+        y_hat = y_hat.view(1, M, H, W).to(self.g_s[0].weight.dtype)
+        if y is None:
+            decoder.finish()
+            return data, y_hat
+        return encoder.flush(), y_hat
 
     def _wavefront(self, params: Tensor, y: Tensor | None = None, data: bytes | None = None):
         """Encode y (data=None) or decode data (y=None) for one image; returns (bytes, y_hat).

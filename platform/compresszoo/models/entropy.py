@@ -286,6 +286,15 @@ class EntropyBottleneck(EntropyModel):
         symbols = self.decompress_symbols(strings, self.build_indexes(torch.Size(full)))
         return self.dequantize(symbols, self._medians_like(len(strings), len(size)))
 
+    def decompress_fixed(self, strings: list[bytes], size, frac: int) -> Tensor:
+        """The decoded values as integers with `frac` fractional bits (float64): symbol *
+        2**frac + round(median * 2**frac), computed elementwise without any float sum, so
+        every machine gets the same numbers (the input of the portable path)."""
+        full = (len(strings), self._quantized_cdf.size(0), *size)
+        symbols = self.decompress_symbols(strings, self.build_indexes(torch.Size(full)))
+        medians = self._medians_like(len(strings), len(size)).double()
+        return symbols.double() * 2.0 ** frac + torch.round(medians * 2.0 ** frac)
+
 
 class GaussianConditional(EntropyModel):
     """Gaussian likelihood with predicted scales (and means); coded with a table of scales."""

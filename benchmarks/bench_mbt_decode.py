@@ -2,7 +2,10 @@
 
 Same weights in both (ours loaded from the reference's state dict, tables from update()).
 The reference decodes its own bitstream position by position; ours decodes its wavefront
-stream. Prints seconds, the speed-up and whether the decoded images are bit-identical.
+stream, on the float path (the reference's arithmetic) and on the portable path (exact
+fixed-point entropy parameters, the path .czoo files use). Prints seconds, the speed-ups and
+how far the float path's decoded image is from the reference's (float noise: pixels are not
+bit-identical across CPUs, since oneDNN picks kernels per instruction set).
 
     python benchmarks/bench_mbt_decode.py [--quality 3] [--threads 1] [--repeats 2]
 """
@@ -64,19 +67,23 @@ def main() -> None:
         our_c = ours.compress(x)
         t_ref, m_ref, ref_d = best_of(lambda: ref.decompress(ref_c["strings"], ref_c["shape"]), args.repeats)
         t_our, m_our, our_d = best_of(lambda: ours.decompress(our_c["strings"], our_c["shape"]), args.repeats)
+        port_c = ours.compress(x, portable=True)
+        t_port, m_port, port_d = best_of(
+            lambda: ours.decompress(port_c["strings"], port_c["shape"], portable=True), args.repeats)
     diff = (ref_d["x_hat"] - our_d["x_hat"]).abs().max().item()
-    same = torch.equal(ref_d["x_hat"], our_d["x_hat"])
     ref_bytes = sum(len(s) for ss in ref_c["strings"] for s in ss)
     our_bytes = sum(len(s) for ss in our_c["strings"] for s in ss)
+    port_bytes = sum(len(s) for ss in port_c["strings"] for s in ss)
     print(f"\nmbt2018 q{args.quality} (N={spec.N}, M={spec.M}), 768x512, {args.threads} thread(s), "
           f"best of {args.repeats}\n")
     print("| decoder | seconds (best) | seconds (median) | stream bytes |")
     print("| --- | --- | --- | --- |")
     print(f"| reference decompress | {t_ref:.2f} | {m_ref:.2f} | {ref_bytes} |")
-    print(f"| compresszoo decompress (wavefront) | {t_our:.2f} | {m_our:.2f} | {our_bytes} |")
-    print(f"\nspeed-up: {t_ref / t_our:.1f}x; decoded images bit-identical: {same} "
-          f"(max |x_hat difference| = {diff:.2e})")
-    if not same:
+    print(f"| compresszoo decompress (wavefront, float) | {t_our:.2f} | {m_our:.2f} | {our_bytes} |")
+    print(f"| compresszoo decompress (wavefront, portable) | {t_port:.2f} | {m_port:.2f} | {port_bytes} |")
+    print(f"\nspeed-up: float {t_ref / t_our:.1f}x, portable {t_ref / t_port:.1f}x; "
+          f"max |x_hat difference| float path vs reference = {diff:.2e}")
+    if diff > 1e-4:  # 1/40 of an 8-bit step: anything larger is a decoding error, not float noise
         sys.exit(1)
 
 

@@ -12,6 +12,7 @@ _LAZY = {
     "decode_image": "compresszoo.codec.image",
     "read_header": "compresszoo.codec.container",
     "ContainerError": "compresszoo.codec.container",
+    "ContainerLimitError": "compresszoo.codec.container",
     "validate_bitrate": "compresszoo.codec.gate",
     "GateThresholds": "compresszoo.codec.gate",
     "apply_gate": "compresszoo.codec.gate",

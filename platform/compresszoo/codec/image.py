@@ -1,15 +1,19 @@
-"""Images <-> .czoo bytes with a zoo model: padding, batching, model identity checks."""
+"""Images <-> .czoo bytes with a zoo model: padding, batching, model identity checks.
+
+Decoding checks everything a file declares against the model (identity, latent shape,
+streams per image) after the container has checked types and limits, so nothing is
+allocated from a size the file alone decided.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..models.architectures import FactorizedPrior
 from ..models.io import weights_id
 from ..models.registry import spec_of
-from .container import ContainerError, Header, pack, unpack
-
-PAD_MULTIPLE = 64
+from .container import PAD_MULTIPLE, ContainerError, Header, check_pixels, pack, unpack
 
 
 def _as_batch(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -25,6 +29,10 @@ def _as_batch(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"image must have 3 (RGB) channels, got {image.shape[1]}; convert it to RGB first")
     if not image.is_floating_point():
         raise ValueError(f"image must be float in [0, 1], got {image.dtype}; divide uint8 images by 255")
+    if image.shape[0] == 0 or image.shape[2] == 0 or image.shape[3] == 0:
+        raise ValueError(f"image is empty: shape {tuple(image.shape)}; give at least one image of at least 1x1 pixels")
+    # A file the decoder would refuse must not be written.
+    check_pixels(int(image.shape[2]), int(image.shape[3]), int(image.shape[0]), "image to encode")
     return image.float(), batched
 
 
@@ -68,15 +76,24 @@ def check_model(header: Header, model) -> None:
                              f"but the decoder was given {mine.model_text()}; decode with the same model")
 
 
+def streams_per_image(model) -> int:
+    """y only for the factorized prior; y and z for the hyperprior models."""
+    return 1 if isinstance(model, FactorizedPrior) else 2
+
+
 def decode_streams(data: bytes, model) -> tuple[Header, dict]:
-    header, streams = unpack(data)
+    header, streams = unpack(data)  # types, ranges, sizes and limits checked here
     check_model(header, model)
     expected = [-(-n // PAD_MULTIPLE) * PAD_MULTIPLE // model.downsampling_factor
                 for n in (header.height, header.width)]
-    if list(header.latent_shape) != expected or not streams or any(len(s) != len(streams[0]) for s in streams):
+    if list(header.latent_shape) != expected:
         raise ContainerError(f"corrupted file: latent shape {header.latent_shape} does not match "
                              f"a {header.height}x{header.width} image (expected {expected})")
-    strings = [[img[j] for img in streams] for j in range(len(streams[0]))] if streams else []
+    want = streams_per_image(model)
+    if len(streams[0]) != want:
+        raise ContainerError(f"corrupted file: {len(streams[0])} stream(s) per image, but "
+                             f"{header.architecture} writes {want}")
+    strings = [[img[j] for img in streams] for j in range(want)]
     try:
         out = model.decompress(strings, torch.Size(header.latent_shape))
     except ValueError as e:

@@ -1,0 +1,93 @@
+"""The portable entropy-parameter path against the float path, measured in one run.
+
+    python benchmarks/bench_portable.py [--repeats 3] [--threads 1] [--size 256]
+
+For each architecture at two qualities (q1, and the first quality with M=320): payload bytes
+and bpp of both paths on real photographs, decoded PSNR, best-of-N encode and decode times
+(interleaved), and the ratios portable / float. Models are full-size with random weights
+spread as in tests/test_portable.py (no trained weights can be downloaded here), so the rate
+comparison is between two ways of computing the same entropy parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from test_portable import spread  # noqa: E402
+
+from compresszoo.models import ARCHITECTURES, create_model  # noqa: E402
+from compresszoo.models.loss import psnr  # noqa: E402
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
+
+
+def photos(size: int) -> list[torch.Tensor]:
+    from skimage import data
+
+    out = []
+    for name in PHOTOS:
+        img = getattr(data, name)()
+        h, w = img.shape[:2]
+        top, left = (h - min(h, size)) // 2, (w - min(w, size)) // 2
+        crop = img[top:top + size, left:left + size]
+        out.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float()[None] / 255.0)
+    return out
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--size", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    images = photos(args.size)
+    print("| architecture | q | N, M | float bpp | portable bpp | rate | PSNR float | PSNR portable "
+          "| encode float (s) | encode portable (s) | ratio | decode float (s) | decode portable (s) | ratio |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for arch in ARCHITECTURES:
+        for q in (1, 5 if arch.startswith("mbt2018") else 6):
+            torch.manual_seed(q)
+            model = create_model(arch, q).eval()
+            spread(model)
+            model.update(force=True)
+            model.portable_layers(model.portable_modules[0], torch.device("cpu")) if model.portable_modules else None
+            stats = {p: {"bits": 0, "pixels": 0, "psnr": [], "enc": 0.0, "dec": 0.0} for p in (False, True)}
+            for x in images:
+                for portable in (False, True):  # interleaved: both paths see the same machine state
+                    s = stats[portable]
+                    te, c = best_of(lambda m=model, x=x, p=portable: m.compress(x, portable=p), args.repeats)
+                    td, d = best_of(lambda m=model, c=c, p=portable: m.decompress(c["strings"], c["shape"], portable=p),
+                                    args.repeats)
+                    s["bits"] += 8 * sum(len(b) for group in c["strings"] for b in group)
+                    s["pixels"] += x.shape[-2] * x.shape[-1]
+                    s["psnr"].append(psnr(d["x_hat"], x))
+                    s["enc"] += te
+                    s["dec"] += td
+            f, p = stats[False], stats[True]
+            bf, bp = f["bits"] / f["pixels"], p["bits"] / p["pixels"]
+            print(f"| {arch} | {q} | {model.N}, {model.M} | {bf:.4f} | {bp:.4f} | {100 * (bp / bf - 1):+.3f}% | "
+                  f"{np.mean(f['psnr']):.3f} | {np.mean(p['psnr']):.3f} | {f['enc']:.3f} | {p['enc']:.3f} | "
+                  f"{p['enc'] / f['enc']:.2f} | {f['dec']:.3f} | {p['dec']:.3f} | {p['dec'] / f['dec']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

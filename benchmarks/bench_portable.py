@@ -1,12 +1,17 @@
 """The portable entropy-parameter path against the float path, measured in one run.
 
-    python benchmarks/bench_portable.py [--repeats 3] [--threads 1] [--size 256]
+    python benchmarks/bench_portable.py [--repeats 3] [--threads 1] [--size 256] [--overhead-only]
 
 For each architecture at two qualities (q1, and the first quality with M=320): payload bytes
 and bpp of both paths on real photographs, decoded PSNR, best-of-N encode and decode times
 (interleaved), and the ratios portable / float. Models are full-size with random weights
 spread as in tests/test_portable.py (no trained weights can be downloaded here), so the rate
 comparison is between two ways of computing the same entropy parameters.
+
+Then the file overhead (bytes over the rANS payload) of a 768x512 photograph coded by each
+architecture at q1: .czoo format 1 (JSON header), format 2, and CompressAI's example codec
+(examples/codec.py: 2 header bytes, height and width as u32, the latent shape as two u32, the
+stream count as u32 and a u32 length per stream; no checksum, no weights identity).
 """
 
 from __future__ import annotations
@@ -28,6 +33,34 @@ from compresszoo.models import ARCHITECTURES, create_model  # noqa: E402
 from compresszoo.models.loss import psnr  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
+
+
+def compressai_example_overhead(streams: int) -> int:
+    return 2 + 2 * 4 + 2 * 4 + 4 + 4 * streams
+
+
+def overhead_table() -> None:
+    from czoo_v1 import encode_v1
+    from skimage import data, transform
+
+    from compresszoo.codec import encode_image, read_header
+
+    img = transform.resize(data.astronaut(), (512, 768), anti_aliasing=True)
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    print("\n| architecture (q1, 768x512) | payload bytes | format 1 overhead | format 2 overhead "
+          "| CompressAI example codec overhead |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for arch in ARCHITECTURES:
+        torch.manual_seed(1)
+        model = create_model(arch, 1).eval()
+        spread(model)
+        model.update(force=True)
+        v2 = encode_image(model, x)
+        v1 = encode_v1(model, x)
+        payload = lambda b: sum(map(sum, read_header(b).stream_lengths))  # noqa: E731
+        streams = len(read_header(v2).stream_lengths[0])
+        print(f"| {arch} | {payload(v2)} | {len(v1) - payload(v1)} | {len(v2) - payload(v2)} | "
+              f"{compressai_example_overhead(streams)} |", flush=True)
 
 
 def photos(size: int) -> list[torch.Tensor]:
@@ -57,7 +90,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--overhead-only", action="store_true")
     args = ap.parse_args()
+    if args.overhead_only:
+        overhead_table()
+        return
     torch.set_num_threads(args.threads)
     images = photos(args.size)
     print("| architecture | q | N, M | float bpp | portable bpp | rate | PSNR float | PSNR portable "
@@ -87,6 +124,7 @@ def main() -> None:
             print(f"| {arch} | {q} | {model.N}, {model.M} | {bf:.4f} | {bp:.4f} | {100 * (bp / bf - 1):+.3f}% | "
                   f"{np.mean(f['psnr']):.3f} | {np.mean(p['psnr']):.3f} | {f['enc']:.3f} | {p['enc']:.3f} | "
                   f"{p['enc'] / f['enc']:.2f} | {f['dec']:.3f} | {p['dec']:.3f} | {p['dec'] / f['dec']:.2f} |", flush=True)
+    overhead_table()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,10 @@ def ckpt(model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real(model) -> bytes:
-    return encode_image(model, as_tensor(photo("astronaut", 64, 64)))
+    """A real format-1 file: the crafted JSON headers below start from its header."""
+    from czoo_v1 import encode_v1
+
+    return encode_v1(model, as_tensor(photo("astronaut", 64, 64)))
 
 
 def crafted_cases(real: bytes) -> dict[str, tuple[bytes, str, str]]:

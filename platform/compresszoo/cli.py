@@ -229,6 +229,7 @@ def cmd_info(args) -> int:
     header = read_header(data)
     info = asdict(header)
     info["file_bytes"] = len(data)
+    info["payload_bytes"] = sum(map(sum, header.stream_lengths))
     pixels = header.height * header.width * header.num_images
     info["bpp"] = 8 * len(data) / pixels if pixels else None
     print(json.dumps(info, indent=2))  # ensure_ascii: header text is escaped

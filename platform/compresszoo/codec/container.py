@@ -1,10 +1,18 @@
 """The .czoo file: a versioned, checksummed container for compressed images.
 
-Layout: MAGIC (4 bytes) | version (u8) | header length (u32 LE) | header (UTF-8 JSON)
-| payload (the rANS streams, image-major) | CRC-32 of everything before it (u32 LE).
-The header names the model (architecture, metric, quality, N, M, weights id), the
-original and latent sizes and every stream's length, so a file can be checked and
-described without the model, and decoding with another model is refused.
+Format 2 (written today), binary, ~20 bytes over the payload for one image:
+    b"CZ" | version 2 (u8) | flags (u8: 1 portable, 2 batched, 4 channels present)
+    | model (u8: bits 0-2 quality - 1, bit 3 metric, bits 4-5 architecture)
+    | [N, M as varints, only where they differ from the zoo table]
+    | weights fingerprint (4 bytes: the first 8 hex digits of the weights id)
+    | height, width (varints) | [image count (varint), batched files only]
+    | every stream's length as a varint except the last one, which the file size implies
+    | payload (the rANS streams, image-major) | CRC-32 of everything before it (u32 LE)
+The latent shape follows from the image size and the architecture. "portable" says the
+entropy parameters were computed on the exact fixed-point path (models/portable.py).
+
+Format 1 (read only, written by earlier versions): MAGIC b"CZOO" | version 1 (u8) | header
+length (u32 LE) | header (UTF-8 JSON) | payload | CRC-32; always the float path.
 
 Files come from other people, so parsing is strict: every header field is checked for
 type and range, the declared image size against limits.MAX_PIXELS and the header size
@@ -18,12 +26,14 @@ import json
 import re
 import struct
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from .. import limits
 
-MAGIC = b"CZOO"
-VERSION = 1
+MAGIC = b"CZOO"  # format 1
+MAGIC2 = b"CZ"
+VERSION = 2
+VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<4sBI")
 _CRC = struct.Struct("<I")
 #: encoders pad images to a multiple of this (every zoo model's total stride divides it)
@@ -32,6 +42,12 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _WEIGHTS_ID = re.compile(r"[0-9a-f]{8,64}")
 _MAX_QUALITY = 255  # loose sanity bound; the exact quality is checked against the model
 _MAX_STREAMS = 2  # streams per image: y (factorized), y and z (hyperpriors)
+# Format 2 codes: fixed forever (a new architecture takes the next free code).
+ARCH_CODES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018")
+METRIC_CODES = ("mse", "ms-ssim")
+FLAG_PORTABLE, FLAG_BATCHED, FLAG_CHANNELS = 1, 2, 4
+FINGERPRINT_HEX = 8
+_MAX_VARINT_BYTES = 5  # 35 bits: any length or side a limit lets through
 
 
 class ContainerError(ValueError):
@@ -55,6 +71,8 @@ class Header:
     batched: bool
     latent_shape: list  # the shape passed to model.decompress (z for hyperpriors, y otherwise)
     stream_lengths: list  # [image][stream] byte lengths
+    version: int = VERSION
+    portable: bool = True  # entropy parameters from the exact path (format 1: always False)
 
     @property
     def num_images(self) -> int:
@@ -65,7 +83,7 @@ class Header:
                 f"weights {self.weights_id})")
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(Header))
+_FIELD_NAMES = tuple(f.name for f in fields(Header) if f.name not in ("version", "portable"))  # format 1
 
 
 def show(value, limit: int = 40) -> str:
@@ -95,12 +113,155 @@ def check_pixels(height: int, width: int, count: int, source: str) -> None:
 
 
 def pack(header: Header, streams: list[list[bytes]]) -> bytes:
-    _check_fields(asdict(header))  # never write a file that read_header would refuse
+    """The file for `header` and its streams, in the header's format version."""
     if [[len(s) for s in img] for img in streams] != header.stream_lengths:
         raise ValueError("stream lengths in the header do not match the streams")
-    head = json.dumps(asdict(header), separators=(",", ":"), sort_keys=True).encode()
-    body = _PREFIX.pack(MAGIC, VERSION, len(head)) + head + b"".join(b"".join(img) for img in streams)
+    if header.version == 2:
+        return _pack2(header, streams)
+    if header.version != 1 or header.portable:
+        raise ValueError(f"cannot write format {header.version} with portable={header.portable}")
+    _check_fields({k: getattr(header, k) for k in _FIELD_NAMES})  # never write what read_header refuses
+    head = json.dumps({k: getattr(header, k) for k in _FIELD_NAMES}, separators=(",", ":"), sort_keys=True).encode()
+    body = _PREFIX.pack(MAGIC, 1, len(head)) + head + b"".join(b"".join(img) for img in streams)
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def _zoo(architecture: str, quality: int) -> tuple[int, int]:
+    from ..models.registry import ARCHITECTURES
+
+    return ARCHITECTURES[architecture].channels[quality - 1]
+
+
+def _downsampling(architecture: str) -> int:
+    from ..models.registry import ARCHITECTURES
+
+    return ARCHITECTURES[architecture].builder.downsampling_factor
+
+
+def streams_per_image(architecture: str) -> int:
+    """y only for the factorized prior; y and z for the hyperprior models."""
+    return 1 if architecture == "bmshj2018-factorized" else 2
+
+
+def latent_shape(architecture: str, height: int, width: int) -> list[int]:
+    """What model.decompress takes for an image of height x width (padded to PAD_MULTIPLE)."""
+    ds = _downsampling(architecture)
+    return [-(-n // PAD_MULTIPLE) * PAD_MULTIPLE // ds for n in (height, width)]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(data):
+            raise ContainerError(f"truncated or corrupted file: the header ends inside {what}")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if i and not byte:  # one value, one encoding: no redundant trailing zero groups
+                raise ContainerError(f"corrupted file: {what} is not minimally encoded")
+            return value, pos + i + 1
+    raise ContainerError(f"corrupted file: {what} is longer than {_MAX_VARINT_BYTES} bytes")
+
+
+def _pack2(h: Header, streams: list[list[bytes]]) -> bytes:
+    if h.architecture not in ARCH_CODES or h.metric not in METRIC_CODES or not 1 <= h.quality <= 8:
+        raise ValueError(f"format 2 cannot name {h.architecture} {h.metric} q{h.quality}")
+    if not streams or (not h.batched and len(streams) != 1):
+        raise ValueError("a file holds one image, or a batch of at least one")
+    if any(len(img) != streams_per_image(h.architecture) for img in streams):
+        raise ValueError(f"{h.architecture} writes {streams_per_image(h.architecture)} stream(s) per image")
+    if list(h.latent_shape) != latent_shape(h.architecture, h.height, h.width):
+        raise ValueError(f"latent shape {h.latent_shape} does not follow from a {h.height}x{h.width} image")
+    channels = (h.N, h.M) != _zoo(h.architecture, h.quality)
+    flags = (FLAG_PORTABLE if h.portable else 0) | (FLAG_BATCHED if h.batched else 0) | (FLAG_CHANNELS if channels else 0)
+    model = (h.quality - 1) | (METRIC_CODES.index(h.metric) << 3) | (ARCH_CODES.index(h.architecture) << 4)
+    head = bytearray(MAGIC2 + bytes([2, flags, model]))
+    if channels:
+        head += _varint(h.N) + _varint(h.M)
+    head += bytes.fromhex(h.weights_id[:FINGERPRINT_HEX]) + _varint(h.height) + _varint(h.width)
+    if h.batched:
+        head += _varint(len(streams))
+    lengths = [len(s) for img in streams for s in img]
+    for n in lengths[:-1]:
+        head += _varint(n)
+    body = bytes(head) + b"".join(b"".join(img) for img in streams)
+    data = body + _CRC.pack(zlib.crc32(body))
+    _parse2(data, verify=True)  # never write what the reader refuses
+    return data
+
+
+def _parse2(data: bytes, verify: bool) -> tuple[Header, list[list[bytes]]]:
+    if len(data) < 3 + 2 + 4 + 2 + _CRC.size:
+        raise ContainerError("truncated file: shorter than the smallest format-2 header")
+    flags, model = data[3], data[4]
+    if flags & ~(FLAG_PORTABLE | FLAG_BATCHED | FLAG_CHANNELS) or model & 0xC0:
+        raise ContainerError("corrupted file: reserved header bits are set")
+    architecture = ARCH_CODES[(model >> 4) & 3]
+    metric = METRIC_CODES[(model >> 3) & 1]
+    quality = (model & 7) + 1
+    pos = 5
+    if flags & FLAG_CHANNELS:
+        n, pos = _read_varint(data, pos, "N")
+        m, pos = _read_varint(data, pos, "M")
+        for name, v in (("N", n), ("M", m)):
+            if v < 1:
+                raise ContainerError(f"corrupted file: {name} must be at least 1, got {v}")
+            try:
+                limits.MAX_CHANNELS.check(v, f"header field {name}")
+            except limits.LimitError as e:
+                raise ContainerLimitError(f"corrupted or foreign file: {e}") from None
+    else:
+        n, m = _zoo(architecture, quality)
+    if pos + 4 > len(data):
+        raise ContainerError("truncated or corrupted file: the header ends inside the weights fingerprint")
+    fingerprint = data[pos:pos + 4].hex()
+    pos += 4
+    height, pos = _read_varint(data, pos, "the image height")
+    width, pos = _read_varint(data, pos, "the image width")
+    count = 1
+    if flags & FLAG_BATCHED:
+        count, pos = _read_varint(data, pos, "the image count")
+    if min(height, width, count) < 1:
+        raise ContainerError(f"corrupted file: {count} image(s) of {height}x{width}; sizes must be positive")
+    try:  # before anything sized by the header is built
+        check_pixels(height, width, count, "the file's header")
+    except limits.LimitError as e:
+        raise ContainerLimitError(str(e)) from None
+    per_image = streams_per_image(architecture)
+    payload_end = len(data) - _CRC.size
+    lengths = []
+    for i in range(count * per_image - 1):  # bounded: count is within the pixel limit
+        n_i, pos = _read_varint(data, pos, f"stream length {i}")
+        lengths.append(n_i)
+    last = payload_end - pos - sum(lengths)
+    if pos > payload_end or last < 0:
+        raise ContainerError("truncated or corrupted file: stream lengths add up to more than the file holds")
+    lengths.append(last)
+    if verify:
+        (crc,) = _CRC.unpack_from(data, payload_end)
+        if zlib.crc32(data[:payload_end]) != crc:
+            raise ContainerError("corrupted file: checksum mismatch (the bytes changed after encoding)")
+    grouped = [lengths[i * per_image:(i + 1) * per_image] for i in range(count)]
+    header = Header(architecture, metric, quality, n, m, fingerprint, height, width, bool(flags & FLAG_BATCHED),
+                    latent_shape(architecture, height, width), grouped, version=2,
+                    portable=bool(flags & FLAG_PORTABLE))
+    streams, p = [], pos
+    for img in grouped:
+        row = []
+        for n_i in img:
+            row.append(data[p:p + n_i])
+            p += n_i
+        streams.append(row)
+    return header, streams
 
 
 def read_header(data: bytes) -> Header:
@@ -182,7 +343,7 @@ def _check_fields(f) -> Header:
         check_pixels(height, width, len(lengths), "the file's header")
     except limits.LimitError as e:
         raise ContainerLimitError(str(e)) from None
-    return Header(**{k: f[k] for k in _FIELD_NAMES})
+    return Header(**{k: f[k] for k in _FIELD_NAMES}, version=1, portable=False)
 
 
 def _no_duplicates(pairs):
@@ -200,11 +361,17 @@ def _parse(data, verify: bool):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ContainerError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
+    if data[:2] == MAGIC2 and data[2:4] != b"OO":
+        if len(data) > 2 and data[2] != 2:
+            raise ContainerError(f"unsupported format version {data[2]}; this compresszoo reads versions "
+                                 f"{', '.join(map(str, VERSIONS))}")
+        return _parse2(data, verify)
     if len(data) < _PREFIX.size + _CRC.size or data[:4] != MAGIC:
-        raise ContainerError("not a compresszoo file (bad magic); it must start with b'CZOO'")
+        raise ContainerError("not a compresszoo file (bad magic); it must start with b'CZ'")
     _, version, head_len = _PREFIX.unpack_from(data)
-    if version != VERSION:
-        raise ContainerError(f"unsupported format version {version}; this compresszoo reads version {VERSION}")
+    if version != 1:
+        raise ContainerError(f"unsupported format version {version}; this compresszoo reads versions "
+                             f"{', '.join(map(str, VERSIONS))}")
     if _PREFIX.size + head_len + _CRC.size > len(data):
         raise ContainerError("truncated or corrupted file: header length runs past the end")
     try:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.architectures import FactorizedPrior
 from ..models.io import weights_id
 from ..models.registry import spec_of
-from .container import PAD_MULTIPLE, ContainerError, Header, check_pixels, pack, unpack
+from .container import PAD_MULTIPLE, ContainerError, Header, check_pixels, pack, streams_per_image, unpack
 
 
 def _as_batch(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -52,7 +51,8 @@ def encode_with_latents(model, image: torch.Tensor) -> tuple[bytes, torch.Tensor
     """Container bytes plus the encoder-side quantized latents (for exactness checks)."""
     x, batched = _as_batch(image)
     # One image at a time: an image's bytes must not depend on what it was batched with.
-    parts = [model.compress(pad(x[i:i + 1]), return_latents=True) for i in range(x.shape[0])]
+    # The portable path: the entropy parameters are exact, so the file decodes anywhere.
+    parts = [model.compress(pad(x[i:i + 1]), return_latents=True, portable=True) for i in range(x.shape[0])]
     out = {"strings": [[s for p in parts for s in p["strings"][j]] for j in range(len(parts[0]["strings"]))],
            "shape": parts[0]["shape"]}
     return _pack(model, x, batched, out), torch.cat([p["y_hat"] for p in parts])
@@ -63,22 +63,21 @@ def _pack(model, x: torch.Tensor, batched: bool, out: dict) -> bytes:
     streams = [[out["strings"][j][i] for j in range(len(out["strings"]))] for i in range(x.shape[0])]
     header = Header(spec.architecture, spec.metric, spec.quality, spec.N, spec.M, weights_id(model),
                     int(x.shape[-2]), int(x.shape[-1]), batched, [int(s) for s in out["shape"]],
-                    [[len(s) for s in img] for img in streams])
+                    [[len(s) for s in img] for img in streams], version=2, portable=True)
     return pack(header, streams)
 
 
 def check_model(header: Header, model) -> None:
+    """Refuse a model other than the encoder's: spec, and the weights id (a format-2 file
+    keeps its first 8 hex digits as a fingerprint)."""
     spec = spec_of(model)
-    mine = Header(spec.architecture, spec.metric, spec.quality, spec.N, spec.M, weights_id(model),
-                  1, 1, False, [], [])
+    wid = weights_id(model)
+    mine = Header(spec.architecture, spec.metric, spec.quality, spec.N, spec.M,
+                  wid[:len(header.weights_id)], 1, 1, False, [], [])
     if mine.model_text() != header.model_text():
+        mine.weights_id = wid
         raise ContainerError(f"this file was encoded with {header.model_text()}, "
                              f"but the decoder was given {mine.model_text()}; decode with the same model")
-
-
-def streams_per_image(model) -> int:
-    """y only for the factorized prior; y and z for the hyperprior models."""
-    return 1 if isinstance(model, FactorizedPrior) else 2
 
 
 def decode_streams(data: bytes, model) -> tuple[Header, dict]:
@@ -89,13 +88,13 @@ def decode_streams(data: bytes, model) -> tuple[Header, dict]:
     if list(header.latent_shape) != expected:
         raise ContainerError(f"corrupted file: latent shape {header.latent_shape} does not match "
                              f"a {header.height}x{header.width} image (expected {expected})")
-    want = streams_per_image(model)
+    want = streams_per_image(spec_of(model).architecture)
     if len(streams[0]) != want:
         raise ContainerError(f"corrupted file: {len(streams[0])} stream(s) per image, but "
                              f"{header.architecture} writes {want}")
     strings = [[img[j] for img in streams] for j in range(want)]
     try:
-        out = model.decompress(strings, torch.Size(header.latent_shape))
+        out = model.decompress(strings, torch.Size(header.latent_shape), portable=header.portable)
     except ValueError as e:
         raise ContainerError(f"corrupted file: the streams do not decode ({e})") from None
     return header, out

@@ -282,12 +282,7 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         means. The masked 5x5 context is one GEMM over the unmasked taps of each position.
         One intra-op thread here is for speed only (the steps are small; threads cost more
         than they give), not for exactness."""
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._wavefront_portable_1t(params, y, data)
-        finally:
-            torch.set_num_threads(saved)
+        return _on_one_thread(self._wavefront_portable_1t, params, y, data)
 
     def _wavefront_portable_1t(self, params: Tensor, y: Tensor | None, data: bytes | None):
         from ..ans import rans
@@ -346,12 +341,7 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         Runs on one intra-op thread: a multi-threaded GEMV may split its sums across threads
         (MKL does for the M=320 layers), and the entropy parameters must not depend on the
         thread count of the machine that encodes or decodes."""
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._wavefront_1t(params, y, data)
-        finally:
-            torch.set_num_threads(saved)
+        return _on_one_thread(self._wavefront_1t, params, y, data)
 
     def _wavefront_1t(self, params: Tensor, y: Tensor | None, data: bytes | None):
         from ..ans import rans
@@ -406,6 +396,15 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
             decoder.finish()
             return data, y_hat
         return encoder.flush(), y_hat
+
+
+def _on_one_thread(fn, *args):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @functools.lru_cache(maxsize=8)

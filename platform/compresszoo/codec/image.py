@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 from ..models.io import weights_id
 from ..models.registry import spec_of
-from .container import PAD_MULTIPLE, ContainerError, Header, check_pixels, pack, streams_per_image, unpack
+from .container import (
+    PAD_MULTIPLE,
+    ContainerError,
+    Header,
+    check_pixels,
+    pack,
+    streams_per_image,
+    unpack,
+)
 
 
 def _as_batch(image: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -1,10 +1,12 @@
 """After training: update() the tables, run the bitrate gate, register the model if it passes.
 
-The gate's report goes to the MLflow run either way, so a rejected model says why.
+The gate's report goes to the MLflow run either way, so a rejected model says why; a
+registered version also carries a plot of the gate's measurements (rd_plot.png).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from .codec.gate import GateThresholds, validate_bitrate
@@ -51,6 +53,24 @@ def measure_and_log(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps
     return model, report
 
 
+RD_PLOT = "rd_plot.png"
+
+
+def rd_plot(report: dict, path: Path, *, title: str = "") -> Path | None:
+    """A PNG of the gate's rate-distortion measurements (each held-out image and their mean,
+    real bpp against PSNR) for the version's model card; None when nothing was measured."""
+    from .evaluate.rd import plot_rd_curves
+
+    rows = [r for r in report.get("images", []) if r.get("psnr") is not None and r.get("real_bpp") is not None]
+    if not rows:
+        return None
+    overall = report["overall"]
+    return plot_rd_curves([], path, title=f"{title}: gate measurements", scatter=[
+        ("held-out images", [r["real_bpp"] for r in rows], [r["psnr"] for r in rows]),
+        ("mean", [overall["real_bpp"]], [overall["psnr"]])],
+        footnote="real bpp: whole .czoo file bits per pixel; PSNR of the decoded image")
+
+
 def gate_and_register(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps: int,
                       val_loss: float) -> dict:
     """Returns a summary row: gate verdict, bitrates, PSNR and the registry version (or None)."""
@@ -67,11 +87,14 @@ def gate_and_register(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, ste
     if report["passed"]:
         rd_point = {"bpp": overall["real_bpp"], "payload_bpp": overall["payload_bpp"],
                     "psnr": overall["psnr"], "ms_ssim": overall["ms_ssim"], "val_loss": val_loss}
-        version, champion = registry_client.register(
-            model, name=spec.registry_name, run_id=run_id, config=cfg.to_dict(), report=report,
-            rd_point=rd_point, val_loss=val_loss, tracking_uri=cfg.tracking_uri,
-            tags={"config_hash": cfg.config_hash(), "manifest_sha": manifest_sha(cfg.data),
-                  "run_name": cfg.run_name(), "steps": steps})
+        with tempfile.TemporaryDirectory(prefix="compresszoo-card-") as tmp:
+            plot = rd_plot(report, Path(tmp) / RD_PLOT, title=spec.registry_name)
+            version, champion = registry_client.register(
+                model, name=spec.registry_name, run_id=run_id, config=cfg.to_dict(), report=report,
+                rd_point=rd_point, val_loss=val_loss, tracking_uri=cfg.tracking_uri,
+                tags={"config_hash": cfg.config_hash(), "manifest_sha": manifest_sha(cfg.data),
+                      "run_name": cfg.run_name(), "steps": steps},
+                attachments={RD_PLOT: plot} if plot else None)
         row.update(version=version, champion=champion)
         logger.set_tags({"registry.name": spec.registry_name, "registry.version": version})
     logger.close()

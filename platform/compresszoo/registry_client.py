@@ -1,9 +1,14 @@
 """The MLflow model registry: publish gated models, find them, download and load them.
 
-A version's artifacts are plain files: model.safetensors (weights + zoo spec, loaded
-without unpickling), config.json, bitrate_report.json and rd_point.json. The weights'
-sha256 is a version tag (required); every download is hashed before it enters the cache,
-and a load hashes the very bytes it loads.
+A version's artifacts form an MLflow Model (an MLmodel file) whose python_function flavor
+is loaded by compresszoo.serving.pyfunc: no pickle anywhere, so `mlflow.pyfunc.load_model`
+and `mlflow models serve` run only compresszoo's code. Next to the MLmodel file lie plain
+files: model.safetensors (weights + zoo spec, loaded without unpickling), config.json,
+bitrate_report.json, rd_point.json, the input example and the requirements. The weights'
+sha256 is a version tag (required) and is recorded in the MLmodel's compresszoo flavor;
+every download is hashed before it enters the cache, and a load hashes the very bytes it
+loads. The version's description is its model card. Versions registered before the MLmodel
+file existed (the same plain files, no MLmodel) load through compresszoo as before.
 
 "Not found" (MLflow's RESOURCE_DOES_NOT_EXIST, an empty search) is an answer; a registry
 that cannot be reached or fails is a RegistryError, never mistaken for "not registered".
@@ -96,32 +101,177 @@ def find_version(name: str, config_hash: str, manifest_sha: str, tracking_uri: s
     return None
 
 
+#: the module MLflow imports to load a version (its `_load_pyfunc(path)`), and the column and
+#: parameter of its predict(): `data` holds image files (encode) or .czoo files (decode)
+PYFUNC_LOADER = "compresszoo.serving.pyfunc"
+FLAVOR = "compresszoo"
+COLUMN = "data"
+MODES = ("encode", "decode")
+
+
+def pyfunc_signature():
+    """The signature every version is logged with (predict's input, output and `mode`)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", COLUMN)]),
+        outputs=Schema([ColSpec("binary", COLUMN), ColSpec("long", "height"), ColSpec("long", "width"),
+                        ColSpec("double", "bpp")]),
+        params=ParamSchema([ParamSpec("mode", "string", MODES[0])]))
+
+
+def _example_png() -> bytes:
+    """A 32x32 RGB PNG (a smooth gradient) as the logged input example: small, and decodable
+    by anything that reads PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 32, dtype=np.float32)
+    rgb = np.stack([ramp[None, :].repeat(32, 0), ramp[:, None].repeat(32, 1),
+                    np.full((32, 32), 128, np.float32)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return [f"compresszoo=={version('compresszoo')}"]
+    except PackageNotFoundError:  # a source checkout on sys.path
+        return ["compresszoo"]
+
+
+def write_model_dir(model, path: str | os.PathLike, *, config: dict, report: dict, rd_point: dict,
+                    attachments: dict[str, str | os.PathLike] | None = None) -> str:
+    """Write a version's artifact folder (an MLflow Model) at `path`; returns the weights' sha256.
+
+    `path` must not exist. attachments: extra files copied in under the given names (the RD plot).
+    """
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import Model
+
+    from .models.io import FORMAT, save_weights, weights_id
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="compresszoo-weights-") as staging:
+        weights = Path(staging) / WEIGHTS_FILE
+        save_weights(model, weights)
+        digest = sha256_file(weights)
+        meta = Model()
+        # Read by serving.pyfunc: the weights file and the hash it must have.
+        meta.add_flavor(FLAVOR, weights=WEIGHTS_FILE, weights_sha256=digest, format=FORMAT,
+                        weights_id=weights_id(model))
+        # No data_path: the weights stay at the folder's top, where load_registered finds them.
+        mlflow.pyfunc.save_model(
+            str(path), loader_module=PYFUNC_LOADER, mlflow_model=meta, signature=pyfunc_signature(),
+            input_example=(pd.DataFrame({COLUMN: [_example_png()]}), {"mode": MODES[0]}),
+            pip_requirements=_requirements())
+        shutil.move(str(weights), path / WEIGHTS_FILE)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (path / "bitrate_report.json").write_text(json.dumps(report, indent=2))
+    (path / "rd_point.json").write_text(json.dumps(rd_point, indent=2))
+    for name, src in (attachments or {}).items():
+        if Path(name).name != name or name in {WEIGHTS_FILE, "MLmodel"}:
+            raise ValueError(f"attachment name {name!r} must be a plain file name other than "
+                             f"{WEIGHTS_FILE} and MLmodel")
+        shutil.copyfile(src, path / name)
+    # save_model measured the folder before the weights moved in: record the real size.
+    saved = Model.load(str(path))
+    saved.model_size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    saved.save(str(path / "MLmodel"))
+    return digest
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def model_card(model, *, name: str, config: dict, report: dict, tags: dict, val_loss: float,
+               attachments=()) -> str:
+    """The version's description (Markdown): what the model is, how it was trained and what the
+    gate measured, with how to load it."""
+    from .models.registry import spec_of
+
+    spec = spec_of(model)
+    overall = report.get("overall") or {}
+    th = report.get("thresholds") or {}
+    parent = next((str(v) for src in (tags, config) for k in ("parent", "parent_version", "init_from",
+                                                             "finetune_from") if (v := src.get(k))), None)
+    data = config.get("data") or "-"
+    lines = [
+        f"**{spec.architecture}** ({spec.metric}, quality {spec.quality}): a learned image codec of "
+        "the CompressAI zoo, trained and gated by compresszoo.",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| architecture | {spec.architecture} |",
+        f"| metric | {spec.metric} |",
+        f"| quality | {spec.quality} |",
+        f"| lambda | {spec.lmbda:g} |",
+        f"| N, M | {spec.N}, {spec.M} |",
+        f"| steps | {tags.get('steps', config.get('max_steps', '-'))} |",
+        f"| dataset | {data} (manifest sha256 {tags.get('manifest_sha', '-')}) |",
+        f"| config hash | {tags.get('config_hash', '-')} |",
+        f"| validation loss | {val_loss:.6g} |",
+    ]
+    if parent:
+        lines.append(f"| fine-tuned from | {parent} |")
+    lines += [
+        "",
+        f"Gate ({'passed' if report.get('passed') else 'not passed'}: {report.get('reason', '-')}), "
+        f"{overall.get('num_images', 0)} held-out image(s):",
+        "",
+        "| real bpp | payload bpp | estimated bpp | gap | allowed gap | PSNR (dB) | MS-SSIM | exact |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {_fmt(overall.get('real_bpp'))} | {_fmt(overall.get('payload_bpp'))} | "
+        f"{_fmt(overall.get('estimated_bpp'))} | {_fmt(overall.get('relative_gap'), '+.2%')} | "
+        f"{_fmt(th.get('max_relative_gap'), '.0%')} | {_fmt(overall.get('psnr'), '.2f')} | "
+        f"{_fmt(overall.get('ms_ssim'))} | {overall.get('all_exact', '-')} |",
+        "",
+        "Artifacts: MLmodel (python_function flavor, loader compresszoo.serving.pyfunc; no pickle), "
+        f"{WEIGHTS_FILE}, config.json, bitrate_report.json, rd_point.json"
+        + "".join(f", {a}" for a in attachments) + ".",
+        "",
+        f"Load: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")` (predict: column `{COLUMN}` "
+        "of image files -> .czoo bytes; `params={\"mode\": \"decode\"}`: .czoo -> PNG), "
+        f"`compresszoo.registry_client.load_registered(\"{name}@{CHAMPION}\")`, or "
+        f"`compresszoo encode IMG -o OUT.czoo --model {name}@{CHAMPION}`.",
+    ]
+    return "\n".join(lines)
+
+
 def register(model, *, name: str, run_id: str, config: dict, report: dict, rd_point: dict,
-             tags: dict, val_loss: float, tracking_uri: str | None = None) -> tuple[str, bool]:
-    """Log the artifacts to the run, create a version and move `champion` if it is better.
+             tags: dict, val_loss: float, tracking_uri: str | None = None,
+             attachments: dict[str, str | os.PathLike] | None = None) -> tuple[str, bool]:
+    """Log the artifacts (an MLflow Model) to the run, create a version with its model card
+    and move `champion` if it is better.
 
     Returns (version, became_champion). Call only for models that passed the gate.
+    attachments: extra files for the version's folder, by name (e.g. the RD plot PNG).
     """
-    from .models.io import save_weights
-
     client, uri = _client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / ARTIFACT_DIR
-        d.mkdir()
-        save_weights(model, d / WEIGHTS_FILE)
-        (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (d / "bitrate_report.json").write_text(json.dumps(report, indent=2))
-        (d / "rd_point.json").write_text(json.dumps(rd_point, indent=2))
-        digest = sha256_file(d / WEIGHTS_FILE)
+        digest = write_model_dir(model, d, config=config, report=report, rd_point=rd_point,
+                                 attachments=attachments)
         client.log_artifacts(run_id, str(d), ARTIFACT_DIR)
+    card = model_card(model, name=name, config=config, report=report, tags=tags, val_loss=val_loss,
+                      attachments=sorted(attachments or {}))
     try:
-        client.create_registered_model(name, description=f"compresszoo {name}")
+        client.create_registered_model(name, description=f"compresszoo {name}: learned image codec; "
+                                       "each version's description is its model card")
     except Exception as e:
         if not mlflow_error_is(e, "RESOURCE_ALREADY_EXISTS"):
             raise _failing(f"registering {name}", uri, e) from e
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
     version = client.create_model_version(
-        name, source, run_id=run_id,
+        name, source, run_id=run_id, description=card,
         tags={**{k: str(v) for k, v in tags.items()}, "weights_sha256": digest, "val_loss": repr(val_loss)})
     try:
         # The alias map says "no champion yet" without relying on an exception, so a

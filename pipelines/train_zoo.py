@@ -1,7 +1,12 @@
 """Train the zoo on Ray, gate every model's real bitrate, register the ones that pass.
 
     python pipelines/train_zoo.py --preset smoke --data DATA_DIR          # local Ray
+    python pipelines/train_zoo.py --preset smoke --metrics ms-ssim        # MSE parents, then fine-tunes
     ray job submit --working-dir . -- python pipelines/train_zoo.py ...   # a cluster
+
+MS-SSIM models are fine-tuned from the MSE champion of the same architecture and quality:
+with --metrics ms-ssim, a parent whose name already has a champion is reused and a missing
+one is trained (and registered) first; with --metrics mse,ms-ssim both halves are trained.
 
 With --data omitted and --preset smoke, the miniature Vimeo90K is generated and sharded
 under --workdir first, so the command runs on a fresh machine. MLflow comes from
@@ -37,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--archs", default=",".join(ARCHITECTURES), help="comma-separated architectures")
     ap.add_argument("--qualities", default=None, help="comma-separated qualities (default: all 8 for "
                     "paper, the recipe's quality for smoke)")
+    ap.add_argument("--metrics", default="mse", help="comma-separated: mse, ms-ssim (fine-tuned from the "
+                    "MSE champions, trained first where missing) or mse,ms-ssim")
     ap.add_argument("--data", default="", help="dataset folder with _manifest.json (local or s3://)")
     ap.add_argument("--storage", default=None, help="checkpoint root (local or s3://); default WORKDIR/runs")
     ap.add_argument("--workdir", default="demo", help="where the smoke preset puts generated data")
@@ -50,7 +57,8 @@ def parse_args(argv=None):
 def plan(args):
     """The models this command line asks for (zoo_jobs.plan on the parsed flags)."""
     return zoo_jobs.plan(args.preset, archs=args.archs, qualities=args.qualities, data=args.data,
-                         storage_uri=args.storage, config_file=args.config, overrides=args.overrides)
+                         storage_uri=args.storage, config_file=args.config, overrides=args.overrides,
+                         metrics=args.metrics)
 
 
 def main(argv=None) -> int:
@@ -75,7 +83,9 @@ def main(argv=None) -> int:
     workers = zoo_jobs.concurrency_for(configs[0], ray.cluster_resources(), requested=args.concurrency)
     print(f"[train_zoo] {len(configs)} model(s), {workers} at once; MLflow at {os.environ['MLFLOW_TRACKING_URI']}",
           flush=True)
-    rows = zoo_jobs.run_zoo(configs, workers)
+    # MSE models in the plan only as parents (not asked for) are reused when registered
+    reuse = "mse" not in zoo_jobs.requested_metrics(args.metrics, args.overrides)
+    rows = zoo_jobs.run_zoo(configs, workers, reuse_parents=reuse)
     table, _ = zoo_jobs.summarize(rows, workdir)
     print("\n" + table, flush=True)
     return 1 if zoo_jobs.failed(rows) else 0

@@ -19,21 +19,16 @@ except ImportError:  # a checkout without `pip install -e .`
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_PLATFORM, os.environ.get("PYTHONPATH")) if p)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of an S3 server on 127.0.0.1; the environment points boto3 and pyarrow at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    # Port 0: the server binds a free port itself, so no other process can take it between
+    # choosing and binding (the race a "find a free port, then bind it" helper has).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
     env = {
         "AWS_ENDPOINT_URL": url,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -51,6 +46,15 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def refused_url():
+    """http://127.0.0.1:PORT where connections are refused: the port is bound by this fixture
+    but never listened on, so nothing else can take it and every connect fails at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture

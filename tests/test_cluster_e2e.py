@@ -56,7 +56,9 @@ def _run(cmd, env: dict, timeout: float = 300, cwd=ROOT) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(cluster_local):
+    """One cluster for the module. `down` and its checks run when the last test using it is
+    done, whatever order the tests ran in (a failed check reports as an error there)."""
     # A short folder: Ray's unix socket paths live under it (107-byte limit).
     state_dir = Path(tempfile.mkdtemp(prefix="czc-e2e-"))
     home = state_dir / "home"
@@ -68,9 +70,11 @@ def cluster():
     try:
         assert r.returncode == 0, f"up failed:\n{r.stdout}\n{r.stderr}"
         env = _read_env_file(state_dir / "env.sh")
-        yield {"dir": state_dir, "home": home, "env": env, "client_env": _bare_env(home, env),
-               "state": json.loads(state_file.read_text()), "bucket": env["COMPRESSZOO_BUCKET"],
-               "up_s": time.monotonic() - t0}
+        c = {"dir": state_dir, "home": home, "env": env, "client_env": _bare_env(home, env),
+             "state": json.loads(state_file.read_text()), "bucket": env["COMPRESSZOO_BUCKET"],
+             "up_s": time.monotonic() - t0}
+        yield c
+        _down_leaves_nothing_behind(c, cluster_local)
     finally:
         _run([str(DOWN), "--state-dir", str(state_dir)], _bare_env(home))
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -225,8 +229,8 @@ def test_no_secret_in_job_logs_or_mlflow(cluster, job):
             assert secret not in text, f"a credential leaked into text #{i}"
 
 
-def test_down_leaves_nothing_behind(cluster, cluster_local):
-    """Last of the cluster tests (pytest keeps file order)."""
+def _down_leaves_nothing_behind(cluster, cluster_local):
+    """The cluster fixture's teardown, after the training job: down, then nothing runs or answers."""
     import psutil
 
     local = cluster_local

@@ -1,10 +1,12 @@
-"""Run identity: which TrainConfig fields name a run, declared on the fields themselves."""
+"""Run identity (which TrainConfig fields name a run), the documented `paper` recipe and `--set` typing."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +62,58 @@ def test_settings_resume_the_same_run_and_learning_fields_do_not():
     assert moved.run_name() == cfg.run_name()
     for change in ({"lr": 1e-3}, {"seed": 1}, {"bf16": True}, {"channels_last": True}, {"crop": 64}):
         assert cfg.with_overrides(change).config_hash() != cfg.config_hash(), change
+
+
+# ------------------------------------------------------------------ the recipes and --set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_paper_recipe_is_the_documented_schedule():
+    """The values the README documents (CompressAI's training schedule), field by field."""
+    cfg = paper()
+    documented = {"crop": 256, "batch_size": 16, "lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0,
+                  "plateau_patience": 20, "plateau_factor": 0.5, "max_steps": 4_500_000, "gate_max_gap": 0.03,
+                  "debug_model": False, "preset": "paper"}
+    assert {k: getattr(cfg, k) for k in documented} == documented
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for phrase in ("`paper` is the documented schedule (256x256 crops, global batch 16, Adam 1e-4,",
+                   "aux Adam 1e-3 on the quantiles, gradient clipping 1.0,", "4.5M steps"):
+        assert phrase in readme, phrase
+    # batch_size is global: more workers split it, they do not multiply it
+    assert paper(data="d", workers=4).resolved().batch_size == 16
+    with pytest.raises(ValueError, match="batch_size=16 must be divisible by workers=3"):
+        paper(data="d", workers=3).resolved()
+
+
+@pytest.mark.parametrize("pair, field, value", [
+    ("max_steps=1000", "max_steps", 1000),
+    ("max_steps=1e3", "max_steps", 1000),
+    ("max_steps=2.5E3", "max_steps", 2500),
+    ("lr=3e-4", "lr", 3e-4),
+    ("lr=1", "lr", 1.0),
+    ("bf16=true", "bf16", True), ("bf16=YES", "bf16", True), ("bf16=1", "bf16", True), ("bf16=on", "bf16", True),
+    ("channels_last=false", "channels_last", False), ("channels_last=No", "channels_last", False),
+    ("channels_last=0", "channels_last", False), ("channels_last=off", "channels_last", False),
+    ("data=s3://bucket/a=b", "data", "s3://bucket/a=b"),  # only the first '=' splits
+    ("architecture=mbt2018", "architecture", "mbt2018"),
+    ("cpus_per_worker=0.25", "cpus_per_worker", 0.25),
+])
+def test_set_values_take_the_type_of_their_field(pair, field, value):
+    cfg = smoke(channels_last=True).with_overrides([pair])
+    got = getattr(cfg, field)
+    assert got == value and type(got) is type(value), (pair, got)
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("max_steps=abc", "max_steps='abc': expected int"),
+    ("max_steps=1.5", "max_steps='1.5': expected int"),
+    ("workers=", "workers='': expected int"),
+    ("lr=fast", "lr='fast': expected float"),
+    ("bf16=maybe", "bf16='maybe': expected bool"),
+    ("max_steps", "override 'max_steps' must look like key=value"),
+    ("max_step=10", "unknown config field 'max_step'; known: "),
+])
+def test_bad_set_values_name_the_field_and_the_expected_type(pair, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        smoke().with_overrides([pair])

@@ -26,7 +26,8 @@ from compresszoo.evaluate.runner import Options, evaluate, tracking_uri_for
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = ROOT / "pipelines" / "evaluate.py"
 FAMILY = "bmshj2018-factorized-mse"
-# bmshj2018-factorized on Kodak, from the published CompressAI results (shared/reference/)
+# bmshj2018-factorized on Kodak, from the published CompressAI results (benchmarks/reference/,
+# checked in test_the_reference_file_loads_and_holds_the_values_used_here)
 KODAK_BPP = [0.1226, 0.1885, 0.2878, 0.4404, 0.6481, 0.9670, 1.3512, 1.8333]
 KODAK_PSNR = [26.909, 28.218, 29.617, 31.277, 32.956, 35.381, 37.397, 39.621]
 
@@ -288,11 +289,21 @@ def photo(name: str, top: int, left: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """One evaluation of two checkpoints and two codecs; the models are built (and re-encoded
+    by tests) on one thread, like the evaluation's subprocess, and the thread count restored."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _evaluate_once(tmp_path_factory)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _evaluate_once(tmp_path_factory) -> dict:
     from PIL import Image
 
     from compresszoo.models.io import save_weights
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("evaluate")
     images = root / "images"
     images.mkdir()
@@ -441,15 +452,47 @@ def test_mlflow_is_touched_only_when_asked_for(run, tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
-def test_the_shared_reference_file_loads():
-    # The repo keeps a copy of the published results; it must equal ../shared's where present.
+def test_the_reference_file_loads_and_holds_the_values_used_here():
+    """The repo's copy of the published results (benchmarks/reference/); the BD tests above use
+    its bmshj2018-factorized curve, rounded."""
     path = ROOT / "benchmarks" / "reference" / "compressai_kodak_mse.json"
-    shared = ROOT.parent / "shared" / "reference" / "compressai_kodak_mse.json"
-    if shared.exists():
-        assert json.loads(shared.read_text()) == json.loads(path.read_text())
+    published = json.loads(path.read_text())["results"]["bmshj2018-factorized"]
+    assert [round(v, 4) for v in published["bpp"]] == KODAK_BPP
+    assert [round(v, 3) for v in published["psnr"]] == KODAK_PSNR
     curves, meta = load_reference(path)
     assert set(curves) == {f"reference:{a}-mse" for a in
                            ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018")}
     assert "Kodak" in meta["dataset"]
     # the published zoo ranks as the papers say: mbt2018 needs fewer bits than factorized
     assert rd.bd_rate(curves["reference:bmshj2018-factorized-mse"], curves["reference:mbt2018-mse"]) < -20
+
+
+def _point(curve: str, kind: str, setting: str, bpp: float, psnr: float, ms_ssim: float) -> dict:
+    return {"curve": curve, "kind": kind, "setting": setting, "error": None, "bpp": bpp, "payload_bpp": bpp,
+            "psnr": psnr, "ms_ssim": ms_ssim, "ms_ssim_db": rd.ms_ssim_db(ms_ssim)}
+
+
+def test_ms_ssim_bd_rate_compares_the_ms_ssim_curves():
+    """A model that reaches JPEG's MS-SSIM with 20% fewer bits, but 1 dB less PSNR at JPEG's
+    rates: BD-rate on MS-SSIM is -20% (exact for rates scaled at equal quality); on PSNR it is
+    not, so the two columns cannot be swapped or computed from one curve."""
+    from compresszoo.evaluate.compare import compare
+
+    ms = [0.90, 0.93, 0.95, 0.97, 0.98]
+    rates = [0.2, 0.35, 0.6, 1.0, 1.6]
+    psnr = [27.0, 29.0, 31.0, 33.5, 36.0]
+    points = [_point("jpeg", "codec", f"quality={i}", r, p, m) for i, (r, p, m) in enumerate(zip(rates, psnr, ms))]
+    points += [_point("mine", "model", f"q{i}", 0.8 * r, p - 1.0, m) for i, (r, p, m) in enumerate(zip(rates, psnr, ms))]
+    row = next(b for b in compare(points, {}).bd if (b["test"], b["anchor"]) == ("mine", "jpeg"))
+    assert row["bd_rate_ms_ssim_percent"] == pytest.approx(-20.0, abs=1e-9)
+    assert row["bd_ms_ssim_db"] > 0
+    want = rd.bd_rate((rates, psnr), ([0.8 * r for r in rates], [p - 1.0 for p in psnr]))
+    assert row["bd_rate_percent"] == pytest.approx(want, rel=1e-12) and want > -20.0 + 5
+
+
+def test_ms_ssim_bd_rate_is_in_the_end_to_end_report(run):
+    bd = {(b["test"], b["anchor"]): b for b in run["report"]["bd"]}
+    for key in ((FAMILY, "jpeg"), ("webp", "jpeg")):
+        assert math.isfinite(bd[key]["bd_rate_ms_ssim_percent"]) and math.isfinite(bd[key]["bd_ms_ssim_db"]), key
+        assert bd[key]["bd_rate_ms_ssim_percent"] != bd[key]["bd_rate_percent"], key
+    assert bd[("webp", "jpeg")]["bd_rate_ms_ssim_percent"] < 0  # WebP beats JPEG on MS-SSIM too

@@ -40,7 +40,9 @@ def _with_env_file(env_sh: Path, command: str, home: Path, cwd=ROOT) -> subproce
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(cluster_local):
+    """One cluster for the module. `down` and its checks run when the last test using it is
+    done, whatever order the tests ran in (a failed check reports as an error there)."""
     # A short folder: Ray's unix socket paths live under it (107-byte limit).
     state_dir = Path(tempfile.mkdtemp(prefix="czc-"))
     home = state_dir / "home"
@@ -51,8 +53,10 @@ def cluster():
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     try:
         assert r.returncode == 0, f"up failed:\n{r.stdout}\n{r.stderr}"
-        yield {"dir": state_dir, "state": state, "env_sh": state_dir / "env.sh", "home": home,
-               "up_output": r.stdout + r.stderr}
+        c = {"dir": state_dir, "state": state, "env_sh": state_dir / "env.sh", "home": home,
+             "up_output": r.stdout + r.stderr}
+        yield c
+        _down_leaves_nothing_behind(c, cluster_local)
     finally:
         _run([str(DOWN), "--state-dir", str(state_dir)])
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -214,15 +218,15 @@ def test_wheel_reaches_workers_through_py_modules(cluster, tmp_path):
     assert "working_dir_files" not in stdlib and str(ROOT) not in stdlib
 
 
-def test_down_leaves_nothing_behind(cluster, cluster_local):
-    """Runs last in this module (pytest keeps file order): down, then nothing answers."""
+def _down_leaves_nothing_behind(cluster, cluster_local):
+    """The cluster fixture's teardown: down, then nothing runs or answers."""
     import psutil
 
     local = cluster_local
     state = cluster["state"]
     before = [p.pid for p in local._cluster_processes(state)]
     assert before
-    # After the jobs above, Ray's workers and job supervisors exist too: still loopback only.
+    # After the module's jobs, Ray's workers and job supervisors exist too: still loopback only.
     exposed = [x for x in _listeners(before) if x[2] not in LOOPBACK]
     assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
     r = _run([str(DOWN), "--state-dir", str(cluster["dir"])])

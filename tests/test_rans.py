@@ -397,3 +397,25 @@ def test_fuzz_decoder_in_child_process(tmp_path):
     # Flips inside raw bypass bits can decode to other values with a clean ending
     # (the format has no checksum; the container adds one), so not every case fails.
     assert counts["ValueError"] >= 0.9 * total
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32, np.float64])
+def test_the_int32_bound_is_exact_for_wider_dtypes(dtype):
+    """Values from wider arrays are converted only when they fit int32: 2^31 - 1 and -2^31
+    code and come back, one past either end is refused (it would wrap to the other end)."""
+    cdfs, lens, offsets = np.array([[0, 30000, 65536]], np.int32), [3], [0]
+    top = np.array([2**31 - 1, 0, 1], dtype)
+    data = rans.encode(top, np.zeros(3, dtype), cdfs, lens, np.zeros(1, dtype))
+    assert rans.decode(data, [0, 0, 0], cdfs, lens, offsets).tolist() == [2**31 - 1, 0, 1]
+    with pytest.raises(ValueError, match=r"^symbols: values 0(\.0)?\.\.2147483648(\.0)? do not fit int32"):
+        rans.encode(np.array([0, 2**31], dtype), [0, 0], cdfs, lens, offsets)
+    with pytest.raises(ValueError, match=r"^indexes: values 0(\.0)?\.\.2147483648(\.0)? do not fit int32"):
+        rans.encode([0, 0], np.array([0, 2**31], dtype), cdfs, lens, offsets)
+    with pytest.raises(ValueError, match=r"^offsets: values 2147483648(\.0)?\.\.2147483648(\.0)? do not fit int32"):
+        rans.encode([0], [0], cdfs, lens, np.array([2**31], dtype))
+    if dtype is not np.uint32:
+        bottom = np.array([-(2**31), -1], dtype)
+        data = rans.encode(bottom, [0, 0], cdfs, lens, offsets)
+        assert rans.decode(data, [0, 0], cdfs, lens, offsets).tolist() == [-(2**31), -1]
+        with pytest.raises(ValueError, match=r"^symbols: values -2147483649(\.0)?\.\.0(\.0)? do not fit int32"):
+            rans.encode(np.array([-(2**31) - 1, 0], dtype), [0, 0], cdfs, lens, offsets)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -115,7 +114,8 @@ def test_gated_models_register_on_s3_and_load_pretrained_elsewhere(s3_setup, s3_
     assert len(runs) == 1 and "bitrate gap" in runs[0].data.tags["gate.reason"]
 
 
-def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_server(tmp_path, monkeypatch):
+def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_server(tmp_path, monkeypatch,
+                                                                                refused_url):
     from compresszoo.models import create_model
 
     uri = f"sqlite:///{tmp_path}/reg.db"
@@ -143,8 +143,8 @@ def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_serve
         rc.download(f"{name}:9", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    with pytest.raises(rc.RegistryError, match=r"unreachable .*http://127\.0\.0\.1:9"):
-        rc.download(f"{name}@champion", "http://127.0.0.1:9")
+    with pytest.raises(rc.RegistryError, match=rf"unreachable .*{re.escape(refused_url)}"):
+        rc.download(f"{name}@champion", refused_url)
     with pytest.raises(ValueError, match="bad model reference"):
         rc.parse_ref("no spaces allowed@x y")
 
@@ -154,32 +154,84 @@ def test_champion_moves_only_to_a_better_version_and_errors_name_model_and_serve
 NAME = "bmshj2018-factorized-mse-q8-N8-M12"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _publish(uri: str, *, val_loss: float, seed: int = 0, tags: dict | None = None) -> tuple[str, bool, str]:
+    """Register a debug factorized model (weights drawn with `seed`) as a new version of NAME
+    from a new run of the "integrity" experiment; returns (version, became_champion, weights_id)."""
+    from compresszoo.models import create_model
+    from compresszoo.models.io import weights_id
+
+    client = tracking_client(uri)
+    torch.manual_seed(seed)
+    model = create_model("bmshj2018-factorized", 8, debug=True)
+    model.update(force=True)
+    run = client.create_run(client.get_experiment_by_name("integrity").experiment_id)
+    version, champion = rc.register(model, name=NAME, run_id=run.info.run_id, config={}, report={}, rd_point={},
+                                    tags=tags or {}, val_loss=val_loss, tracking_uri=uri)
+    return version, champion, weights_id(model)
 
 
 @pytest.fixture
 def registered(tmp_path, monkeypatch):
     """A real sqlite registry holding version 1 of NAME; returns (uri, weights_id)."""
-    from compresszoo.models import create_model
-    from compresszoo.models.io import weights_id
-
     uri = f"sqlite:///{tmp_path}/reg.db"
     monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
+    tracking_client(uri).create_experiment("integrity", artifact_location=str(tmp_path / "artifacts"))
+    version, champion, wid = _publish(uri, val_loss=1.0, tags={"config_hash": "c0ffee", "manifest_sha": "m1"})
+    assert (version, champion) == ("1", True)
+    return uri, wid
+
+
+# ------------------------------------------------------------------ registry policies
+
+
+def test_a_tie_does_not_move_the_champion(registered):
+    uri, wid = registered
+    assert _publish(uri, val_loss=1.0, seed=1)[:2] == ("2", False)  # equal, not better
+    assert str(tracking_client(uri).get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert _publish(uri, val_loss=0.999, seed=2)[:2] == ("3", True)
+
+
+def test_an_alias_names_its_own_version_and_a_missing_alias_is_not_the_champion(registered):
+    from compresszoo.models.io import weights_id
+
+    uri, champion_wid = registered
+    version, became, staging_wid = _publish(uri, val_loss=2.0, seed=1)
+    assert (version, became) == ("2", False) and staging_wid != champion_wid
     client = tracking_client(uri)
-    exp = client.create_experiment("integrity", artifact_location=str(tmp_path / "artifacts"))
-    model = create_model("bmshj2018-factorized", 8, debug=True)
-    model.update(force=True)
-    run = client.create_run(exp)
-    assert rc.register(model, name=NAME, run_id=run.info.run_id, config={}, report={}, rd_point={},
-                       tags={"config_hash": "c0ffee", "manifest_sha": "m1"}, val_loss=1.0,
-                       tracking_uri=uri) == ("1", True)
-    return uri, weights_id(model)
+    client.set_registered_model_alias(NAME, "staging", "2")
+    assert weights_id(rc.load_registered(f"{NAME}@staging", uri)) == staging_wid
+    assert weights_id(rc.load_registered(f"{NAME}@champion", uri)) == champion_wid
+    assert weights_id(rc.load_registered(NAME, uri)) == champion_wid  # no alias: the champion
+    assert rc.download(f"{NAME}@staging", uri) == rc.cache_path(NAME, "2")
+    with pytest.raises(rc.RegistryError, match=f"'{NAME}@nightly' not found"):
+        rc.download(f"{NAME}@nightly", uri)
 
 
-def test_find_version_raises_on_an_unreachable_registry_and_returns_none_when_absent(registered, monkeypatch):
+def test_a_corrupted_artifact_is_refused_and_never_cached(registered, tmp_path):
+    uri, _ = registered
+    stored = list((tmp_path / "artifacts").rglob("model/model.safetensors"))
+    assert len(stored) == 1  # the registry's copy (the cache is still empty)
+    data = bytearray(stored[0].read_bytes())
+    data[-1] ^= 1  # one bit, in the tensor bytes
+    stored[0].write_bytes(bytes(data))
+    for load in (rc.download, rc.load_registered):
+        with pytest.raises(rc.RegistryError, match=f"model {NAME} version 1 from .*reg\\.db: checksum mismatch"):
+            load(f"{NAME}@champion", uri)
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] if (tmp_path / "cache").exists() else []
+    assert cached == []
+
+
+def test_find_version_needs_both_the_config_and_the_manifest(registered):
+    uri, _ = registered
+    assert str(rc.find_version(NAME, "c0ffee", "m1", uri).version) == "1"
+    assert rc.find_version(NAME, "c0ffee", "m2", uri) is None  # same config, other dataset
+    assert rc.find_version(NAME, "beef", "m1", uri) is None  # same dataset, other config
+    _publish(uri, val_loss=2.0, seed=1, tags={"config_hash": "c0ffee", "manifest_sha": "m2"})
+    assert str(rc.find_version(NAME, "c0ffee", "m2", uri).version) == "2"
+
+
+def test_find_version_raises_on_an_unreachable_registry_and_returns_none_when_absent(registered, monkeypatch,
+                                                                                     refused_url):
     import time
 
     uri, _ = registered
@@ -189,7 +241,7 @@ def test_find_version_raises_on_an_unreachable_registry_and_returns_none_when_ab
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    down = refused_url
     t0 = time.monotonic()
     with pytest.raises(rc.RegistryError, match=rf"unreachable or failing .*{down}"):
         rc.find_version(NAME, "c0ffee", "m1", down)

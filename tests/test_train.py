@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -21,9 +22,26 @@ def small(shards, tmp_path, **kw):
     return smoke(**base)
 
 
+def positions_after(shards, cfg, steps: int, per_worker_batch: int) -> list[dict]:
+    """Each rank's data position after `steps` batches of `per_worker_batch` crops, read here
+    with the stream a worker builds (the checkpoint is taken before the loop lets go)."""
+    from compresszoo.data.reader import TrainStream
+
+    out = []
+    for rank in range(cfg.workers):
+        stream = TrainStream(shards, rank=rank, world_size=cfg.workers, batch_size=per_worker_batch, crop=cfg.crop,
+                             seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, task_cpus=cfg.data_cpus)
+        batches = stream.epoch_batches()
+        for _ in range(steps):
+            assert next(batches).shape[0] == per_worker_batch
+        out.append(stream.position())
+        batches.close()
+    return out
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_each_architecture_trains_with_two_workers(name, shards, tmp_path):
-    from compresszoo.train import WEIGHTS_FILE, fit
+    from compresszoo.train import STATE_FILE, WEIGHTS_FILE, fit
 
     cfg = small(shards, tmp_path, architecture=name, workers=2, max_steps=2, val_every=2,
                 checkpoint_every=2)
@@ -34,6 +52,11 @@ def test_each_architecture_trains_with_two_workers(name, shards, tmp_path):
     run = tracking_client(res.config.tracking_uri).get_run(res.mlflow_run_id)
     assert run.data.params["workers"] == "2" and run.data.params["architecture"] == name
     assert {"loss", "bpp", "psnr", "aux_loss", "lr", "images_per_second", "val_loss"} <= set(run.data.metrics)
+    if name == "bmshj2018-factorized":  # the data side is the same for every architecture
+        # batch_size is global: each of the 2 workers read 2 steps of 4 // 2 = 2 crops
+        state = json.loads(open(os.path.join(res.checkpoint_dir, STATE_FILE)).read())
+        assert state["data_positions"] == positions_after(shards, res.config, 2, 2)
+        assert state["data_positions"] != positions_after(shards, res.config, 2, 4)
 
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(shards, tmp_path, monkeypatch):

@@ -1,19 +1,22 @@
 """Distributed training of one zoo model on Ray Train, and the driver around it.
 
 Per worker: train() -> train_step() -> forward_backward(), with a small explicit state
-(step, epoch, data positions, RNG, best validation loss). The driver (fit) builds the
-TorchTrainer with a deterministic run name under `storage`, so a rerun resumes.
+(step, epoch, data positions, RNG, best validation loss, the lr schedule). The driver (fit)
+pins the warm-start parent, builds the TorchTrainer with a deterministic run name under
+`storage`, so a rerun resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +29,10 @@ from .models.registry import build
 STATE_FILE, OPTIM_FILE = "state.json", "optim.pt"
 
 
+class WarmStartError(ValueError):
+    """A warm-start parent that cannot be used; the message names it and the fix."""
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -34,6 +41,144 @@ class TrainState:
     data_positions: list = field(default_factory=list)
     rng: list = field(default_factory=list)  # per-rank torch RNG states (as lists of ints)
     py_rng: list = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)  # LrSchedule's fields
+
+
+def steps_per_epoch(train_frames: int, batch_size: int) -> int:
+    """One epoch of the training split in steps of the global batch: ceil(frames / batch),
+    as examples/train.py's DataLoader (no drop_last) counts it."""
+    if train_frames <= 0 or batch_size <= 0:
+        raise ValueError(f"an epoch needs training frames and a batch: got {train_frames} frames, batch {batch_size}")
+    return -(-train_frames // batch_size)
+
+
+@dataclass
+class LrSchedule:
+    """The documented learning-rate schedule, as a small pure state machine.
+
+    CompressAI's zoo (docs/source/zoo.rst, "Training"): lr held for the first ~1-2M steps
+    (constant_steps), then "divided by 2 when the evaluation loss reaches a plateau (we use a
+    patience of 20 epochs)" with PyTorch's ReduceLROnPlateau. observe() is called at the end
+    of every epoch (epoch_steps steps) with the loss over the test split:
+
+    - while step <= constant_steps the lr never changes, whatever the losses;
+    - the plateau phase starts like a fresh ReduceLROnPlateau (mode "min", its defaults:
+      relative threshold 1e-4, no cooldown): a loss below best * (1 - threshold) is an
+      improvement; the epoch that finds `patience` epochs without one already behind it
+      multiplies lr by `factor` and starts counting again;
+    - no floor unless min_lr > 0 (the docs give none).
+
+    The state is plain numbers, saved with every checkpoint (TrainState.schedule).
+    """
+
+    lr: float
+    constant_steps: int
+    epoch_steps: int
+    patience: int
+    factor: float = 0.5
+    min_lr: float = 0.0
+    threshold: float = 1e-4
+    best: float = math.inf
+    epochs_since_best: int = 0
+    phase: str = "constant"  # "constant" or "plateau"
+    last_step: int = 0  # the step of the last observation: an epoch is counted once
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, epoch_steps: int) -> LrSchedule:
+        return cls(lr=cfg.lr, constant_steps=cfg.constant_lr_steps, epoch_steps=epoch_steps,
+                   patience=cfg.plateau_patience, factor=cfg.plateau_factor, min_lr=cfg.min_lr)
+
+    def is_epoch_end(self, step: int) -> bool:
+        return self.epoch_steps > 0 and step > 0 and step % self.epoch_steps == 0
+
+    def observe(self, step: int, loss: float) -> float:
+        """Take the end-of-epoch test loss at `step`; return the lr for the steps after it."""
+        if step <= self.last_step:
+            raise ValueError(f"schedule: step {step} was already counted (last epoch end at {self.last_step})")
+        self.last_step = step
+        if step <= self.constant_steps:
+            return self.lr
+        self.phase = "plateau"
+        if loss < self.best * (1 - self.threshold):
+            self.best, self.epochs_since_best = loss, 0
+        else:
+            self.epochs_since_best += 1
+            if self.epochs_since_best > self.patience:
+                self.lr = max(self.lr * self.factor, self.min_lr)
+                self.epochs_since_best = 0
+        return self.lr
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A warm-start parent pinned by the driver: `ref` is NAME:VERSION or a weights file."""
+
+    ref: str
+    name: str  # registry name (for a file: the name its spec would register under)
+    version: str  # "" for a file
+    sha256: str  # of the weights file
+
+    def tags(self) -> dict:
+        return {"parent.ref": self.ref, "parent.name": self.name, "parent.version": self.version,
+                "parent.weights_sha256": self.sha256}
+
+
+def _is_path(ref: str) -> bool:
+    # registry names are [A-Za-z0-9._-]: a slash or the weights suffix can only be a path
+    return "/" in ref or ref.endswith(".safetensors") or os.path.exists(ref)
+
+
+def _weights_path(ref: str) -> Path:
+    p = Path(ref).expanduser().resolve()
+    return p / WEIGHTS_FILE if p.is_dir() else p
+
+
+def resolve_parent(cfg: TrainConfig) -> tuple[TrainConfig, Parent | None]:
+    """(cfg with init_from pinned, the parent) or (cfg, None) without a warm start.
+
+    An alias is resolved once, here, to NAME:VERSION: the run's identity names the version
+    it started from, and every worker loads that same version even if the alias moves.
+    """
+    ref = cfg.parent_ref()
+    if not ref:
+        return cfg, None
+    from . import registry_client
+    from .models.io import read_metadata
+    from .models.registry import spec_from_dict
+
+    if _is_path(ref):
+        path = _weights_path(ref)
+        if not path.is_file():
+            raise WarmStartError(f"init_from={ref!r}: no {WEIGHTS_FILE} at {path}; give a checkpoint folder "
+                                 "or .safetensors file (readable by every worker) or NAME@ALIAS")
+        pinned, name, version, digest = str(path), "", "", registry_client.sha256_file(path)
+    else:
+        name, alias, version = registry_client.parse_ref(ref)
+        registry_client.download(ref, cfg.tracking_uri)  # existence, with the registry's own errors
+        if not version:
+            from .tracking import client
+
+            alias = alias or registry_client.CHAMPION
+            c = client(cfg.tracking_uri)
+            version = c.get_registered_model(name).aliases.get(alias) or c.get_model_version_by_alias(
+                name, alias).version
+        pinned = f"{name}:{version}"
+        path = registry_client.download(pinned, cfg.tracking_uri)  # verified against its sha256 tag
+        digest = registry_client.sha256_file(path)
+    try:
+        spec = spec_from_dict(json.loads(read_metadata(path).get("spec", "null")))
+    except Exception as e:  # noqa: BLE001 - not a compresszoo weights file, whatever the cause
+        raise WarmStartError(f"init_from={ref!r}: {path} is not a compresszoo weights file ({e})") from None
+    _check_compatible(ref, spec, cfg.spec())
+    parent = Parent(pinned, name or spec.registry_name, str(version), digest)
+    return dataclasses.replace(cfg, init_from=pinned), parent
+
+
+def _check_compatible(ref: str, parent, child) -> None:
+    if (parent.architecture, parent.N, parent.M) != (child.architecture, child.N, child.M):
+        raise WarmStartError(
+            f"init_from={ref!r} is {parent.architecture} N={parent.N} M={parent.M}; this run trains "
+            f"{child.architecture} N={child.N} M={child.M}: start from a model of the same architecture and channels")
 
 
 # ------------------------------------------------------------------ worker side
@@ -54,9 +199,8 @@ class Trainer:
         self.criterion = RateDistortionLoss(spec.lmbda, spec.metric)
         self.optimizer = torch.optim.Adam(self.model.main_parameters(), lr=cfg.lr)
         self.aux_optimizer = torch.optim.Adam(self.model.aux_parameters(), lr=cfg.aux_lr)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-            min_lr=cfg.min_lr)
+        # epoch_steps comes from the dataset's manifest when train() starts
+        self.schedule = LrSchedule.from_config(cfg, epoch_steps=0)
         self.state = TrainState()
         self._val_batches: list | None = None
         self.logger = make_logger(rank, cfg.tracking_uri, run_id)
@@ -72,8 +216,10 @@ class Trainer:
         optim = torch.load(d / OPTIM_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(optim["optimizer"])
         self.aux_optimizer.load_state_dict(optim["aux_optimizer"])
-        self.scheduler.load_state_dict(optim["scheduler"])
         self.state = TrainState(**json.loads((d / STATE_FILE).read_text()))
+        if self.state.schedule:
+            self.schedule = LrSchedule(**self.state.schedule)
+            self._set_lr(self.schedule.lr)
         if len(self.state.rng) == self.world:
             torch.set_rng_state(torch.tensor(self.state.rng[self.rank], dtype=torch.uint8))
             random.setstate(_to_tuple(self.state.py_rng[self.rank]))
@@ -84,15 +230,39 @@ class Trainer:
         d = Path(directory)
         save_weights(self.model, d / WEIGHTS_FILE, extra={"step": self.state.step})
         torch.save({"optimizer": self.optimizer.state_dict(),
-                    "aux_optimizer": self.aux_optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, d / OPTIM_FILE)
+                    "aux_optimizer": self.aux_optimizer.state_dict()}, d / OPTIM_FILE)
+        self.state.schedule = asdict(self.schedule)
         (d / STATE_FILE).write_text(json.dumps(self.state.__dict__))
+
+    def warm_start(self, parent: Parent) -> None:
+        """Start from the parent's weights (all of them, entropy-model buffers included) with
+        fresh optimizers at this config's rates: the documented fine-tune. The bytes loaded
+        are hashed against the sha256 the driver pinned."""
+        from . import registry_client
+        from .models.io import load_weights
+
+        if _is_path(parent.ref):
+            with tempfile.TemporaryDirectory(prefix="compresszoo-parent-") as tmp:
+                private = Path(tmp) / WEIGHTS_FILE  # hash the very bytes loaded
+                shutil.copyfile(_weights_path(parent.ref), private)
+                got = registry_client.sha256_file(private)
+                if got != parent.sha256:
+                    raise WarmStartError(f"init_from={parent.ref!r} changed after the run started (sha256 "
+                                         f"{got[:12]}, pinned {parent.sha256[:12]}); rerun to pin it again")
+                model = load_weights(private)
+        else:
+            model = registry_client.load_registered(parent.ref, self.cfg.tracking_uri)
+        from .models.registry import spec_of
+
+        _check_compatible(parent.ref, spec_of(model), self.cfg.spec())
+        self.model.load_state_dict(model.state_dict(), strict=True)
 
     # -- the loop ------------------------------------------------------------------------
     def train(self, stream) -> None:
         import ray.train
 
         cfg = self.cfg
+        self.schedule.epoch_steps = steps_per_epoch(stream.manifest.frames("train"), cfg.batch_size)
         net = self._parallel()
         t_last, images_since = time.perf_counter(), 0
         while self.state.step < cfg.max_steps:
@@ -107,7 +277,9 @@ class Trainer:
                     metrics["lr"] = self.optimizer.param_groups[0]["lr"]
                     t_last, images_since = now, 0
                     self.logger.log_metrics(metrics, step)
-                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                if self.schedule.is_epoch_end(step):
+                    self.end_epoch()
+                elif (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
                     self.validate()
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     self.checkpoint(stream, ray.train, metrics)
@@ -152,10 +324,10 @@ class Trainer:
     def validate(self) -> float:
         from .data.reader import validation_batches
 
-        if self._val_batches is None:  # a few fixed center crops: read once, keep in memory
+        if self._val_batches is None:  # fixed center crops: read once, keep in memory
             self._val_batches = list(validation_batches(
                 self.cfg.data, crop=self.cfg.val_crop, batch_size=4, rank=self.rank,
-                world_size=self.world, limit=self.cfg.val_images, task_cpus=self.cfg.data_cpus))
+                world_size=self.world, limit=self.cfg.val_images or None, task_cpus=self.cfg.data_cpus))
         self.model.eval()
         total = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, bpp, mse, n
         for x in self._val_batches:
@@ -169,13 +341,25 @@ class Trainer:
             torch.distributed.all_reduce(total)
         n = max(total[3].item(), 1.0)
         val = total[0].item() / n
-        self.scheduler.step(val)
         self.state.val_loss = val
         self.state.best_val_loss = min(self.state.best_val_loss, val)
         self.logger.log_metrics({"val_loss": val, "val_bpp": total[1].item() / n,
                                  "val_mse": total[2].item() / n, "val_psnr": _psnr(total[2].item() / n),
                                  "lr": self.optimizer.param_groups[0]["lr"]}, self.state.step)
         return val
+
+    def end_epoch(self) -> float:
+        """Validate and give the loss to the schedule (which may halve the main lr)."""
+        val = self.validate()
+        lr = self.schedule.observe(self.state.step, val)
+        self._set_lr(lr)
+        self.logger.log_metrics({"lr_after_epoch": lr, "plateau_epochs_since_best": self.schedule.epochs_since_best},
+                                self.state.step)
+        return val
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:  # the main optimizer only, as documented
+            group["lr"] = lr
 
     def checkpoint(self, stream, train_api, metrics: dict) -> None:
         self.state.data_positions = _gather(stream.position(), self.world)
@@ -228,6 +412,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             trainer.load(d)
+    elif config.get("parent"):
+        trainer.warm_start(Parent(**config["parent"]))
     positions = trainer.state.data_positions or None
     stream = TrainStream(cfg.data, rank=rank, world_size=world, batch_size=cfg.batch_size // world,
                          crop=cfg.crop, seed=cfg.seed, position=positions,
@@ -265,7 +451,7 @@ def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None 
     from .storage import ray_storage
     from .tracking import find_or_create_run, provenance_tags
 
-    cfg = cfg.resolved()
+    cfg, parent = resolve_parent(cfg.resolved())
     if not ray.is_initialized():
         ray.init()
     _quiet_ray_data()
@@ -273,11 +459,14 @@ def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None 
     tags = {**provenance_tags(), "git_commit": cfg.git_commit, "compresszoo.config_hash": cfg.config_hash()}
     if mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = mlflow_parent_run_id
+    if parent:
+        tags.update(parent.tags())  # lineage; the pinned ref is also the init_from param
     run_id = find_or_create_run(cfg.tracking_uri, cfg.experiment, name, tags)
     path, fs = ray_storage(storage or cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "mlflow_run_id": run_id},
+        train_loop_config={"train": cfg.to_dict(), "mlflow_run_id": run_id,
+                           "parent": asdict(parent) if parent else None},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),

@@ -126,4 +126,6 @@ def apply_gate(report: dict, thresholds: GateThresholds | None = None) -> tuple[
     if gap is None or abs(gap) > t.max_relative_gap:
         return False, (f"bitrate gap {gap:+.2%} between real payload bpp {overall['gap_payload_bpp']:.4f} and "
                        f"estimate {overall['gap_estimated_bpp']:.4f} exceeds {t.max_relative_gap:.0%}")
-    return True, f"all {len(rows)} decodes exact; bitrate gap {gap:+.2%} within {t.max_relative_gap:.0%}"
+    exact = sum(bool(r["exact"]) for r in rows)
+    decodes = f"all {len(rows)} decodes exact" if exact == len(rows) else f"{exact} of {len(rows)} decodes exact"
+    return True, f"{decodes}; bitrate gap {gap:+.2%} within {t.max_relative_gap:.0%}"

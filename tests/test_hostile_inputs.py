@@ -47,8 +47,10 @@ def run_capped(code: str, workdir: Path, *, cap: int, timeout: float = 120, env:
     prelude = textwrap.dedent(f"""
         import json, resource
         resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
-        def peak_mb():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        def peak_mb():  # this process's peak RSS (ru_maxrss would include the parent's: it survives exec)
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
         def report(fn):
             try:
                 fn()

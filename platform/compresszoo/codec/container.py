@@ -254,14 +254,19 @@ def _parse2(data: bytes, verify: bool) -> tuple[Header, list[list[bytes]]]:
     header = Header(architecture, metric, quality, n, m, fingerprint, height, width, bool(flags & FLAG_BATCHED),
                     latent_shape(architecture, height, width), grouped, version=2,
                     portable=bool(flags & FLAG_PORTABLE))
-    streams, p = [], pos
-    for img in grouped:
+    return header, _split_streams(data, pos, grouped)
+
+
+def _split_streams(data: bytes, start: int, lengths: list[list[int]]) -> list[list[bytes]]:
+    """The payload cut into [image][stream] byte strings (lengths already checked)."""
+    streams, pos = [], start
+    for img in lengths:
         row = []
-        for n_i in img:
-            row.append(data[p:p + n_i])
-            p += n_i
+        for n in img:
+            row.append(data[pos:pos + n])
+            pos += n
         streams.append(row)
-    return header, streams
+    return streams
 
 
 def read_header(data: bytes) -> Header:
@@ -394,11 +399,4 @@ def _parse(data, verify: bool):
     start = _PREFIX.size + head_len
     if start + sum(map(sum, lengths)) + _CRC.size != len(data):
         raise ContainerError("truncated or corrupted file: stream lengths do not add up to the file size")
-    streams, pos = [], start
-    for img in lengths:
-        row = []
-        for n in img:
-            row.append(data[pos:pos + n])
-            pos += n
-        streams.append(row)
-    return header, streams
+    return header, _split_streams(data, start, lengths)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from compresszoo import zoo_jobs
+from compresszoo import registry_client, zoo_jobs
 from compresszoo.config import MSE_PARENT, paper, smoke
 from compresszoo.registry_client import sha256_file
 from compresszoo.train import (
@@ -267,7 +267,7 @@ def test_run_zoo_finishes_the_parents_before_any_finetune_starts():
 
 def test_a_missing_registry_has_no_champion_and_is_not_created(tmp_path):
     db = tmp_path / "mlflow.db"
-    assert zoo_jobs.champion_version("mbt2018-mse-q1", f"sqlite:///{db}") is None
+    assert registry_client.champion_version("mbt2018-mse-q1", f"sqlite:///{db}") is None
     assert not db.exists()
 
 

@@ -68,6 +68,23 @@ def _registry_exists(uri: str) -> bool:
     return db is None or os.path.exists(db)
 
 
+def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
+    """The version `name`'s champion alias points at, or None if there is none (no registry
+    database yet, no such model, no alias). A failing registry raises RegistryError: an
+    outage must not read as "no parent" and train a duplicate."""
+    uri = resolve_tracking_uri(tracking_uri or "")
+    if not _registry_exists(uri):
+        return None
+    client, _ = _client(uri)
+    try:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except Exception as e:
+        if mlflow_error_is(e, _NOT_FOUND):
+            return None
+        raise _failing(f"looking up the {CHAMPION} of {name}", uri, e) from e
+    return None if version is None else str(version)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -23,7 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .models.io import WEIGHTS_FILE
-from .models.loss import RateDistortionLoss
+from .models.loss import RateDistortionLoss, psnr_from_mse
 from .models.registry import build
 
 STATE_FILE, OPTIM_FILE = "state.json", "optim.pt"
@@ -306,7 +306,7 @@ class Trainer:
         aux.backward()
         self.aux_optimizer.step()
         return {"loss": out["loss"].item(), "bpp": out["bpp_loss"].item(),
-                "mse": out["mse_loss"].item(), "psnr": _psnr(out["mse_loss"].item()),
+                "mse": out["mse_loss"].item(), "psnr": psnr_from_mse(out["mse_loss"].item()),
                 "aux_loss": aux.item()}
 
     def forward_backward(self, net, x: torch.Tensor) -> dict:
@@ -344,7 +344,7 @@ class Trainer:
         self.state.val_loss = val
         self.state.best_val_loss = min(self.state.best_val_loss, val)
         self.logger.log_metrics({"val_loss": val, "val_bpp": total[1].item() / n,
-                                 "val_mse": total[2].item() / n, "val_psnr": _psnr(total[2].item() / n),
+                                 "val_mse": total[2].item() / n, "val_psnr": psnr_from_mse(total[2].item() / n),
                                  "lr": self.optimizer.param_groups[0]["lr"]}, self.state.step)
         return val
 
@@ -523,15 +523,6 @@ def _gather(obj, world: int) -> list:
     out = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _psnr(mse: float) -> float:
-    """PSNR in dB of a mean squared error on [0, 1] pixels: the scalar form of
-    models.loss.psnr (which takes images), for the training and validation MSE the loss
-    already computed. Same convention: mse 0 -> inf."""
-    if not math.isfinite(mse):
-        return float("nan")
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
 def _to_list(obj):

@@ -199,31 +199,13 @@ def _guarded(job: Callable[[TrainConfig], dict], cfg: TrainConfig) -> dict:
                 "M": s.M, "gate": False, "reason": f"error: {type(e).__name__}: {e}"}
 
 
-def champion_version(name: str, tracking_uri: str) -> str | None:
-    """The version `name`'s champion alias points at, or None if there is none (no registry
-    database yet, no such model, no alias). A failing registry raises: an outage must not
-    read as "no parent" and train a duplicate."""
-    from .registry_client import CHAMPION
-    from .tracking import client, mlflow_error_is
-
-    if tracking_uri.startswith("sqlite:///"):  # opening a missing sqlite file would create it
-        db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-        if db != ":memory:" and not os.path.exists(db):
-            return None
-    try:
-        version = client(tracking_uri).get_registered_model(name).aliases.get(CHAMPION)
-    except Exception as e:
-        if mlflow_error_is(e, "RESOURCE_DOES_NOT_EXIST"):
-            return None
-        raise
-    return None if version is None else str(version)
-
-
 def reuse_parent(cfg: TrainConfig) -> dict:
     """An MSE model planned only as the parent of fine-tunes: skipped when its name already
     has a champion (the fine-tunes start from it), else run_one (train, gate, register)."""
     cfg = cfg.resolved()
     spec = cfg.spec()
+    from .registry_client import champion_version
+
     version = champion_version(spec.registry_name, cfg.tracking_uri)
     if version is None:
         return run_one(cfg)

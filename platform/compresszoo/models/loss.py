@@ -61,8 +61,14 @@ def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0, win_size: int = 11,
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> float:
-    mse = F.mse_loss(x.float(), y.float()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    return psnr_from_mse(F.mse_loss(x.float(), y.float()).item(), data_range)
+
+
+def psnr_from_mse(mse: float, data_range: float = 1.0) -> float:
+    """PSNR in dB of a mean squared error (the one formula): mse 0 -> inf, non-finite -> nan."""
+    if not math.isfinite(mse):
+        return float("nan")
+    return float("inf") if mse <= 0 else 10 * math.log10(data_range**2 / mse)
 
 
 def bpp_of(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from photos import photo, updated
 
 from compresszoo.codec import (
     ContainerError,
@@ -26,20 +27,6 @@ from compresszoo.models import ARCHITECTURES, create_model
 from compresszoo.models.io import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def photo(name: str = "astronaut", h: int = 256, w: int = 256, top: int = 0, left: int = 0) -> torch.Tensor:
-    from skimage import data
-
-    img = getattr(data, name)()[top:top + h, left:left + w]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
-
-
-def updated(name, quality=3, debug=True, seed=0):
-    torch.manual_seed(seed)
-    m = create_model(name, quality, debug=debug).eval()
-    m.update(force=True)
-    return m
 
 
 @pytest.fixture(scope="module")

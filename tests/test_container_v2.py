@@ -10,33 +10,24 @@ import sys
 import textwrap
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from czoo_v1 import encode_v1
+from photos import photo as _photo
+from photos import updated
 
 from compresszoo.codec import ContainerError, decode_image, encode_image, read_header
 from compresszoo.codec.container import FINGERPRINT_HEX, unpack
 from compresszoo.codec.image import decode_streams, encode_with_latents
 from compresszoo.limits import LimitError
-from compresszoo.models import ARCHITECTURES, create_model
+from compresszoo.models import ARCHITECTURES
 from compresszoo.models.io import save_weights, weights_id
 
 MAX_OVERHEAD = 24  # bytes over the payload for one image, model identity and checksum included
 
 
 def photo(name: str = "astronaut", h: int = 64, w: int = 96) -> torch.Tensor:
-    from skimage import data
-
-    img = np.ascontiguousarray(getattr(data, name)()[:h, :w])
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
-
-
-def updated(name: str, quality: int = 3, debug: bool = True):
-    torch.manual_seed(0)
-    m = create_model(name, quality, debug=debug).eval()
-    m.update(force=True)
-    return m
+    return _photo(name, h, w)
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from photos import photo
 
 from compresszoo.codec import GateThresholds, validate_bitrate
 from compresszoo.codec.gate import apply_gate
 from compresszoo.models import create_model
 from compresszoo.models.entropy import get_scale_table
-
-
-def photo(name: str, h: int, w: int, top: int = 0, left: int = 0) -> torch.Tensor:
-    from skimage import data
-
-    img = getattr(data, name)()[top:top + h, left:left + w]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
-
 
 # ------------------------------------------------------------------ exactness
 

@@ -17,9 +17,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from photos import photo
 
 from compresszoo.models import ARCHITECTURES, create_model
 from compresszoo.models.io import save_weights
@@ -34,13 +34,6 @@ DECODERS = {
     "ulps": {"ulps": 4}, "bf16": {"bf16": True}, "float64-reordered": {"shuffle": True},
 }
 GAUSSIAN = [a for a in ARCHITECTURES if a != "bmshj2018-factorized"]
-
-
-def photo(name: str, h: int, w: int, top: int = 0, left: int = 0) -> torch.Tensor:
-    from skimage import data
-
-    img = getattr(data, name)()[top:top + h, left:left + w]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
 
 
 def run_child(spec: dict, path: Path, env: dict | None = None) -> dict:

@@ -6,6 +6,10 @@ training driver as train_zoo.py; every completed trial's RD point is a real, cod
     python pipelines/tune_sweep.py --name demo-sweep --resume         # continue after a crash
     python pipelines/train_zoo.py --config demo/sweeps/demo-sweep/tuned_zoo.json --preset paper ...
 
+--metric ms-ssim sweeps MS-SSIM models the way the zoo made them: every trial is fine-tuned
+from the MSE model of its architecture, quality and (N, M), which the sweep first trains and
+registers (or reuses when registered).
+
 Lambdas: --qualities (the zoo's lambda for each) or --lambda-range LO:HI --num-lambdas K
 (log-spaced). (N, M): the zoo's own choice plus --channels. RAY_ADDRESS joins a cluster;
 MLflow comes from MLFLOW_TRACKING_URI (default: sqlite ./mlflow.db).
@@ -42,6 +46,8 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep with its stored "
                     "settings (only --name, --storage and --out are read); finished trials are not rerun")
     ap.add_argument("--preset", choices=sorted(RECIPES), default="smoke")
+    ap.add_argument("--metric", choices=("mse", "ms-ssim"), default="mse", help="what the trials optimize; "
+                    "ms-ssim trials are fine-tuned from their MSE parents (trained first if not registered)")
     ap.add_argument("--archs", default=",".join(ARCHITECTURES), help="comma-separated architectures")
     ap.add_argument("--qualities", default=None, help="the zoo's lambdas of these qualities, e.g. 1,4,8 "
                     "(default: 1,8 for smoke, 1..8 for paper)")
@@ -69,8 +75,15 @@ def parse_args(argv=None):
 
 def sweep_config(args) -> SweepConfig:
     """The SweepConfig these flags describe (a ValueError names a bad flag)."""
-    base = RECIPES[args.preset]().with_overrides({"git_commit": git_commit(ROOT), "data": args.data})
-    base = base.with_overrides(args.overrides)
+    pairs = {}
+    for text in args.overrides:
+        if "=" not in text:
+            raise ValueError(f"--set {text!r} must look like key=value")
+        key, value = text.split("=", 1)
+        pairs[key] = value
+    metric = pairs.pop("metric", args.metric)  # --set metric=... means what --metric does
+    base = RECIPES[args.preset](metric=metric).with_overrides({"git_commit": git_commit(ROOT), "data": args.data})
+    base = base.with_overrides(pairs)
     if args.lambda_range:
         lam = {"lambda_range": parse_lambda_range(args.lambda_range), "num_lambdas": args.num_lambdas}
     else:
@@ -83,7 +96,7 @@ def sweep_config(args) -> SweepConfig:
                        early_stopping=not args.no_early_stopping, grace_period=args.grace_period,
                        reduction_factor=args.reduction_factor,
                        compare_across_architectures=args.compare_across_archs,
-                       trial_cpus=args.trial_cpus, max_concurrent=args.concurrency)
+                       trial_cpus=args.trial_cpus, max_concurrent=args.concurrency, overrides=pairs)
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,12 @@ tune.scheduler.PerLambdaASHA; then the report.
 
 Layout under the sweep's deterministic path <storage>/<name>: Tune's experiment state (what
 --resume restores), sweep.json (the settings a resume reuses), held_out.pt (the gate's images,
-read once), runs/ (each trial's Ray Train run, resumed by name) and report/. MLflow: one
-parent run per sweep, a child run per trial.
+read once), runs/ (each trial's Ray Train run, resumed by name), parents/ (the MSE parents'
+runs) and report/. MLflow: one parent run per sweep, a child run per trial.
+
+MS-SSIM trials are fine-tunes (the recipe's init_from=MSE_PARENT, as the zoo was made): before
+any trial starts, the sweep registers the MSE model each one starts from (one per architecture,
+quality and (N, M); reused when its name already has a champion), exactly as train_zoo does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import FIFOScheduler
 
 from .. import storage
-from ..config import TrainConfig
+from ..config import RECIPES, TrainConfig
 from ..storage import ray_storage
 from ..tracking import (
     MlflowLogger,
@@ -32,11 +36,11 @@ from ..tracking import (
     provenance_tags,
     resolve_tracking_uri,
 )
-from ..zoo_jobs import concurrency_for, cpus_per_run
+from ..zoo_jobs import concurrency_for, cpus_per_run, is_finetune, parent_key, run_zoo
 from .report import build_report, markdown_summary, write_report
 from .scheduler import METRIC, TIME_ATTR, PerLambdaASHA
 from .space import SearchSpace, TrialSpec
-from .trial import child_run, save_held_out, sweep_trial
+from .trial import child_run, save_held_out, sweep_trial, trial_config
 
 SWEEP_FILE, HELD_OUT_FILE = "sweep.json", "held_out.pt"
 
@@ -58,6 +62,9 @@ class SweepConfig:
     compare_across_architectures: bool = False  # True: one ASHA per lambda, not per (arch, lambda)
     trial_cpus: float = 0.25  # the trial's own actor: Train controller, MLflow, the bitrate check
     max_concurrent: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
+    # the user's --set pairs (what `base` was made with): the MSE parents of fine-tune trials
+    # get them too, as train_zoo's plan gives them to the parents it adds
+    overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
@@ -86,15 +93,13 @@ class SweepConfig:
             "storage": storage.join(self.uri, "runs"),
         })
 
-    def train_config(self, trial: TrialSpec) -> TrainConfig:
-        return self.prepared_base().with_overrides(trial.overrides())
-
     def to_dict(self) -> dict:
         return {"name": self.name, "storage": self.storage, "space": self.space.to_dict(),
                 "base": self.base.to_dict(), "early_stopping": self.early_stopping,
                 "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
                 "compare_across_architectures": self.compare_across_architectures,
-                "trial_cpus": self.trial_cpus, "max_concurrent": self.max_concurrent}
+                "trial_cpus": self.trial_cpus, "max_concurrent": self.max_concurrent,
+                "overrides": dict(self.overrides)}
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepConfig:
@@ -137,6 +142,7 @@ def run_sweep(sc: SweepConfig, *, resume: bool = False, report_dir: str | os.Pat
     root_path, fs = ray_storage(sc.storage)
     exp_path = f"{root_path.rstrip('/')}/{sc.name}"
     parent = _parent_run(sc, base)
+    register_mse_parents(sc)
     held_out = storage.join(sc.uri, HELD_OUT_FILE)
     if not storage.exists(held_out):
         save_held_out(base, held_out)
@@ -172,6 +178,57 @@ def run_sweep(sc: SweepConfig, *, resume: bool = False, report_dir: str | os.Pat
     outcome = finish_report(sc, rows, parent, report_dir=report_dir)
     outcome.concurrency, outcome.resumed = n, restored
     return outcome
+
+
+# What a parent shares with the sweep's trials besides the --set pairs: where it runs and logs.
+_PARENT_SETTINGS = ("data", "tracking_uri", "git_commit", "experiment")
+
+
+def mse_parents(sc: SweepConfig) -> list[TrainConfig]:
+    """The MSE models the sweep's fine-tune trials start from: one per (architecture, quality,
+    N, M), from the preset's MSE recipe with the sweep's --set pairs, in the experiment
+    train_zoo uses, so train_zoo and later sweeps find (and reuse) them. [] when no trial is
+    a fine-tune."""
+    children = [sc.base.with_overrides(t.overrides()) for t in sc.space.trials()]
+    children = [c for c in children if is_finetune(c)]
+    if not children:
+        return []
+    if sc.base.preset not in RECIPES:
+        raise SweepError(f"sweep {sc.name!r}: its trials fine-tune from MSE parents, but the base config "
+                         f"names no recipe to train them with (preset={sc.base.preset!r}); give --preset")
+    pairs = {k: v for k, v in sc.overrides.items() if k != "metric"}
+    common = {k: getattr(sc.base, k) for k in _PARENT_SETTINGS}
+    common["storage"] = storage.join(sc.uri, "parents")
+    if common["data"] and not storage.is_remote(common["data"]):
+        common["data"] = os.path.abspath(common["data"])
+    common["tracking_uri"] = resolve_tracking_uri(common["tracking_uri"])
+    out, seen = [], set()
+    for child in children:
+        if parent_key(child) in seen:
+            continue
+        seen.add(parent_key(child))
+        model = {k: getattr(child, k) for k in ("architecture", "quality", "N", "M", "debug_model")}
+        out.append(RECIPES[sc.base.preset](metric="mse").with_overrides(common).with_overrides(pairs)
+                   .with_overrides(model))
+    return out
+
+
+def register_mse_parents(sc: SweepConfig) -> list[dict]:
+    """Train, gate and register the MSE parents that have no champion yet (train_zoo's run_zoo,
+    parents reused); a parent that fails stops the sweep before any trial starts (SweepError)."""
+    parents = mse_parents(sc)
+    if not parents:
+        return []
+    print(f"[tune_sweep] {sc.name}: {len(parents)} MSE parent(s) for the fine-tune trials: "
+          + ", ".join(p.spec().registry_name for p in parents), flush=True)
+    n = concurrency_for(parents[0], ray.cluster_resources())
+    rows = run_zoo(parents, n, reuse_parents=True)
+    bad = [r for r in rows if not r.get("gate")]  # refused by the gate, or failed (failed(rows))
+    if bad:
+        raise SweepError("the MSE parents of the fine-tune trials could not all be registered: "
+                         + "; ".join(f"{r.get('name', r['architecture'])}: {r.get('reason')}" for r in bad)
+                         + ". Fix the parent (or register one under that name) and rerun with --resume")
+    return rows
 
 
 def settings_for(sc: SweepConfig, *, resume: bool) -> SweepConfig:
@@ -276,7 +333,7 @@ def _close_stopped_runs(sc: SweepConfig, rows: list[dict]) -> None:
     for r in rows:
         if r["status"] not in ("early_stopped", "error"):
             continue
-        run = child_run(sc.train_config(TrialSpec.from_dict(r)).resolved())
+        run = child_run(trial_config(sc.prepared_base(), TrialSpec.from_dict(r)))
         if run is None:
             continue
         r["mlflow_run_id"] = run.info.run_id

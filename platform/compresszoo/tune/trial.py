@@ -18,7 +18,7 @@ from .. import storage
 from ..config import TrainConfig
 from ..publish import held_out_images, measure_and_log
 from ..tracking import MlflowLogger, find_run
-from ..train import fit
+from ..train import fit, resolve_parent
 from .report import rd_cost
 from .scheduler import METRIC, TIME_ATTR
 from .space import TrialSpec
@@ -32,8 +32,7 @@ def sweep_trial(config: dict) -> None:
     then measure its real bitrate. Idempotent: a trial whose RD point is already recorded in its
     MLflow run (finished just before an interruption) reports that instead of running again."""
     started = time.time()
-    trial = TrialSpec.from_dict(config["trial"])
-    cfg = TrainConfig.from_dict(config["base"]).with_overrides(trial.overrides()).resolved()
+    cfg = trial_config(TrainConfig.from_dict(config["base"]), TrialSpec.from_dict(config["trial"]))
     point = recorded_point(cfg)
     if point is None:
         result = fit(cfg, callbacks=[_TimedReportCallback(started)], storage=cfg.storage,
@@ -92,6 +91,13 @@ def save_held_out(cfg: TrainConfig, uri: str) -> None:
 
 def load_held_out(uri: str) -> list:
     return torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
+
+
+def trial_config(base: TrainConfig, trial: TrialSpec) -> TrainConfig:
+    """The trial's resolved config with its warm-start parent pinned (NAME:VERSION), as fit()
+    pins it: the run's name, and so its MLflow run and recorded point, name that version."""
+    cfg, _ = resolve_parent(base.with_overrides(trial.overrides()).resolved())
+    return cfg
 
 
 def child_run(cfg: TrainConfig):

@@ -3,7 +3,7 @@ with token auth and the job server, an S3 endpoint (moto) holding the project's 
 MLflow tracking server (SQLite database, artifacts in the bucket).
 
     cluster/up.sh   [--state-dir DIR] [--bucket NAME] [--num-cpus N]   # python cluster/local.py up
-    . .cluster/env.sh                                                  # then ray job submit ...
+    . .cluster/env.sh      # every shell: this venv's bin on PATH, Ray address + token, S3, MLflow
     cluster/down.sh [--state-dir DIR]                                  # python cluster/local.py down
     python cluster/local.py status [--state-dir DIR]
 
@@ -289,6 +289,9 @@ def _env_file_text(env: dict, state: dict) -> str:
         "# Written by cluster/local.py up; holds credentials (mode 0600), never commit or print it.",
         f"# Cluster state: {state['state_dir']}/state.json",
         "unset RAY_AUTH_TOKEN  # would win over RAY_AUTH_TOKEN_PATH",
+        # python, ray, mlflow and compresszoo of the environment that started the cluster, so a
+        # fresh shell needs nothing but this file (no venv activation).
+        f"export PATH='{Path(sys.executable).parent}':\"$PATH\"",
     ]
     for k, v in env.items():
         lines.append(f"export {k}='{v}'")
@@ -418,7 +421,14 @@ def up(paths: Paths, bucket: str, num_cpus: int | None, object_store_memory: int
     _log(f"  MLflow             {urls['mlflow']}  (sqlite {paths.mlflow_db}, artifacts s3://{bucket}/mlflow)")
     if extra:
         _log(f"  compresszoo is not installed here: jobs import it from {extra} (PYTHONPATH)")
-    _log(f"next: source {paths.env_sh}; ray job submit --working-dir . -- python pipelines/train_zoo.py ...")
+    _log(f"  dashboard token    the contents of {paths.token}: `. {paths.env_sh} && ray get-auth-token` "
+         "(without the env file Ray prints ~/.ray/auth_token, another cluster's)")
+    _log(f"next (the bucket s3://{bucket} is empty; the MLflow registry too):")
+    _log(f"  . {paths.env_sh}     # every shell: PATH, Ray address and token, S3, MLflow")
+    _log(f"  python pipelines/prepare_vimeo90k.py --make-miniature /tmp/vimeo-mini "
+         f"--dst s3://{bucket}/vimeo90k-mini     # the data")
+    _log(f"  ray job submit --working-dir . -- python pipelines/train_zoo.py --preset smoke "
+         f"--data s3://{bucket}/vimeo90k-mini --storage s3://{bucket}/runs")
     return state
 
 

@@ -155,6 +155,38 @@ def test_rayjob_arguments_are_ones_train_zoo_accepts(rayjob):
         assert r.returncode == 0, f"rayjob.yaml --set {overrides}: {r.stderr.strip().splitlines()[-1:]}"
 
 
+def test_rayservice_serves_registered_models_with_autoscaling_replicas(pins):
+    """cluster/k8s/rayservice.yaml: the cluster rules above (less the GPU group: the codec
+    serves on CPUs), and a Serve config that Ray accepts and whose applications build."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from compresszoo.registry_client import parse_ref
+    from compresszoo.serving.ray_serve import route_of
+
+    svc = _one(K8S / "rayservice.yaml", "RayService")
+    assert svc["apiVersion"] == "ray.io/v1"
+    spec = svc["spec"]["rayClusterConfig"]
+    assert str(spec["rayVersion"]) == pins["ray"] and spec["authOptions"]["mode"] == "token"
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+    images = {c["image"] for _, cs in _containers(spec) for c in cs}
+    assert images == {f"REGISTRY/compresszoo:{pins['version']}-ray{pins['ray']}-{pins['python']}-gpu"}, images
+    assert any(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"]), "workers must autoscale"
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    assert config.applications
+    for app in config.applications:
+        module, _, attr = app.import_path.partition(":")
+        builder = getattr(__import__(module, fromlist=[attr]), attr)
+        parse_ref(app.args["ref"])
+        assert app.route_prefix == route_of(app.args["ref"]), (app.name, app.route_prefix)
+        built = call_user_app_builder_with_args_if_necessary(builder, app.args)  # binds; loads nothing
+        options = built._bound_deployment._deployment_config.autoscaling_config
+        assert 1 <= options.min_replicas < options.max_replicas, (app.name, options)
+
+
 def test_configmap_holds_no_secret():
     cm = _one(K8S / "config.yaml", "ConfigMap")
     for key in cm.get("data", {}):
@@ -218,7 +250,7 @@ def test_dockerfile_installs_the_wheel_with_the_compiled_codec(pins):
     final = " ".join(stages[-1]["runs"])
     assert re.search(rf"compresszoo-{re.escape(pins['version'])}-\S*\.whl", final), "the final stage must install the built wheel"
     assert "compresszoo.ans._rans" in final, "the image build must import the compiled codec"
-    assert "ray[default,train,tune]==${RAY_VERSION}" in (CLUSTER / "Dockerfile").read_text()
+    assert "ray[default,serve,train,tune]==${RAY_VERSION}" in (CLUSTER / "Dockerfile").read_text()
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     assert "**/*.so" in ignore, "host-built extensions must not leak into the image"
 
@@ -264,7 +296,8 @@ def test_aws_yaml_keeps_the_dashboard_private_and_auth_on(aws):
 
 # ----------------------------------------------------------------------------------- secrets
 
-MANIFESTS = [K8S / "raycluster.yaml", K8S / "rayjob.yaml", K8S / "config.yaml", CLUSTER / "aws.yaml"]
+MANIFESTS = [K8S / "raycluster.yaml", K8S / "rayjob.yaml", K8S / "rayservice.yaml", K8S / "config.yaml",
+             CLUSTER / "aws.yaml"]
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
 AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
@@ -296,6 +329,26 @@ def test_no_aws_credentials_in_cluster_files(path):
 
 
 def test_kubernetes_credentials_come_from_secrets():
-    for path in (K8S / "raycluster.yaml", K8S / "rayjob.yaml"):
+    for path in (K8S / "raycluster.yaml", K8S / "rayjob.yaml", K8S / "rayservice.yaml"):
         text = path.read_text()
         assert "secretRef" in text or "secretKeyRef" in text, f"{path.name}: S3/MLflow credentials must come from a Secret"
+
+
+def test_rayignore_keeps_growing_logs_and_outputs_out_of_the_uploaded_working_dir(tmp_path):
+    """Ray's own packaging (what `ray job submit --working-dir .` hashes and uploads) with the
+    repository's .rayignore: a log teed into the folder and outputs do not change the package;
+    the code does."""
+    from ray._private.runtime_env.packaging import get_uri_for_directory
+
+    (tmp_path / ".rayignore").write_text((ROOT / ".rayignore").read_text())
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "train_zoo.py").write_text("print('train')\n")
+    before = get_uri_for_directory(str(tmp_path), include_gitignore=True)
+    for rel in ("train.log", "logs/ray.txt", "demo/astronaut.czoo", "mlruns/0/meta.yaml", "mlflow.db",
+                ".venv/bin/python", "build/lib/x.so", "dist/compresszoo.whl", ".cluster/env.sh", "out.czoo"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("grows while the job is submitted\n")
+    assert get_uri_for_directory(str(tmp_path), include_gitignore=True) == before
+    (tmp_path / "pipelines" / "train_zoo.py").write_text("print('changed')\n")
+    assert get_uri_for_directory(str(tmp_path), include_gitignore=True) != before
+

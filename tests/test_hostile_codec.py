@@ -425,7 +425,8 @@ def test_read_image_keeps_16_bits_and_refuses_out_of_range_floats(tmp_path):
     import imagecodecs
     from PIL import Image
 
-    from compresszoo.cli import CliError, _read_image
+    from compresszoo.imagefiles import InputError as CliError
+    from compresszoo.imagefiles import read_pixels as _read_image
 
     # 48-bit RGB whose signal is all in the low byte: cutting to 8 bits gives black
     low = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint16)

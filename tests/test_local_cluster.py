@@ -74,6 +74,10 @@ def test_up_answers_health_checks_and_is_idempotent(cluster):
         assert f"{name}" in r.stdout and "DOWN" not in r.stdout
     again = _run([str(UP), "--state-dir", str(cluster["dir"])])
     assert again.returncode == 0 and "already up" in again.stdout, again.stdout + again.stderr
+    # The next steps start with the data: the bucket is empty; the dashboard token is named.
+    out = cluster["up_output"]
+    assert "is empty" in out and "pipelines/prepare_vimeo90k.py" in out and "ray get-auth-token" in out, out
+    assert out.index("prepare_vimeo90k") < out.index("ray job submit")
     # Neither the up output nor the status output shows a secret.
     for secret in _secret_values(cluster):
         assert secret not in cluster["up_output"] + again.stdout + again.stderr + r.stdout
@@ -92,6 +96,10 @@ def test_env_file_and_secrets_are_private(cluster):
     token = (cluster["dir"] / "ray_auth_token").read_text().strip()
     assert token not in text
     assert "export RAY_AUTH_MODE='token'" in text
+    # A fresh shell (no venv activated) finds this environment's commands through the env file.
+    r = _run(["bash", "-c", f". '{env_sh}' && command -v python ray compresszoo"],
+             env={"PATH": "/usr/bin:/bin", "HOME": str(cluster["home"])})
+    assert r.returncode == 0 and r.stdout.split() == [str(BIN / n) for n in ("python", "ray", "compresszoo")], r
 
 
 def _listeners(pids: list[int]) -> list[tuple[int, str, str, int]]:

@@ -1,7 +1,7 @@
 """The `compresszoo` command: encode, decode and inspect .czoo files.
 
     compresszoo encode IMG -o FILE --model CKPT.safetensors
-    compresszoo decode FILE -o IMG --model CKPT.safetensors
+    compresszoo decode FILE -o IMG [--model CKPT.safetensors]   # default: found in the registry
     compresszoo info FILE
 
 Inputs may be hostile. Every failure is one line on stderr and a non-zero exit (2 for a
@@ -24,15 +24,19 @@ import stat
 import sys
 from pathlib import Path
 
-#: decode output formats by file extension (no extension: PNG)
-OUTPUT_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
-                  ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM"}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from .imagefiles import (
+    OUTPUT_FORMATS,
+    InputError,
+    output_format,
+    read_pixels,
+    save_image,
+    to_tensor,
+)
+
 _MAX_MESSAGE = 1000
 
-
-class CliError(ValueError):
-    """A refused command line or input; the message says what to do instead."""
+#: a refused command line or input: the image helpers' error, so one type is caught everywhere
+CliError = InputError
 
 
 def one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
@@ -86,91 +90,76 @@ def _load_model(ref: str):
     return load_registered(ref)
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    with open(path, "rb") as f:
-        head = f.read(29)
-    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 29:
-        return head[24]
-    return None
+def registry_name_of(header) -> str:
+    """The registry name a file's model is published under (lambda is not part of it)."""
+    from .models.registry import ModelSpec
+
+    return ModelSpec(header.architecture, header.quality, header.metric, header.N, header.M, 0.0).registry_name
 
 
-def _pixels(im, path: Path):
-    """(H, W, C) float array in [0, 1] from an opened image, converting every supported mode."""
-    import numpy as np
+def _registered_weights_id(client, version, uri: str) -> str | None:
+    """The weights id of a registered version: its MLmodel's compresszoo flavor (a small
+    download), else, for versions from before MLmodel files, the verified weights' metadata.
+    Only a hint for choosing the version: decoding recomputes the id of the weights it loads."""
+    import tempfile
 
-    mode = im.mode
-    if im.format == "PNG" and _png_bit_depth(path) == 16:
-        import imagecodecs  # Pillow cuts 16-bit color PNGs to 8 bits; libpng keeps all 16
+    import mlflow.artifacts
+    import yaml
 
-        arr = imagecodecs.png_decode(path.read_bytes())
-        if arr.dtype != np.uint16 or arr.shape[:2] != (im.height, im.width):
-            raise CliError(f"{path}: the 16-bit PNG decodes to {arr.dtype} {arr.shape}, "
-                           f"not its header's {im.width}x{im.height}")
-        arr = arr[..., None] if arr.ndim == 2 else arr
-        return arr[..., :1 if arr.shape[-1] < 3 else 3].astype(np.float32) / 65535.0  # drop alpha
-    if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.float32)[..., None] / 65535.0
-    if mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
-            raise CliError(f"{path} is a float image with values outside [0, 1] (or NaN/inf); "
-                           "rescale it to [0, 1] or save it as an 8- or 16-bit image")
-        return arr[..., None]
-    if mode == "I":
-        raise CliError(f"{path} is a 32-bit integer image; save it as an 8- or 16-bit image")
-    if any(";16" in str(t[3]) for t in im.tile):  # t[3]: the decoder args, raw mode first
-        raise CliError(f"{path}: 16-bit-per-channel color {im.format} images are not supported "
-                       "(Pillow would cut them to 8 bits); save it as a 16-bit PNG")
-    return np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
+    from . import registry_client
+    from .models.io import read_metadata
+
+    with tempfile.TemporaryDirectory(prefix="compresszoo-find-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/MLmodel",
+                                                        dst_path=tmp, tracking_uri=uri)
+            flavor = (yaml.safe_load(Path(local).read_text()) or {}).get("flavors", {}).get("compresszoo", {})
+            if flavor.get("weights_id"):
+                return str(flavor["weights_id"])
+        except Exception:  # noqa: BLE001 - no MLmodel (an older version): read the weights below
+            pass
+    path = registry_client.download(f"{version.name}:{version.version}", uri)
+    return read_metadata(path).get("weights_id")
 
 
-def _read_image(path: Path):
-    """(H, W, 1 or 3) float array in [0, 1]; the size is checked from the header before decoding."""
-    from PIL import Image
+def find_registered(header, tracking_uri: str | None = None) -> str:
+    """NAME:VERSION of the registered version whose model wrote a file with `header`: the
+    registry name follows from the architecture, metric, quality, N and M the file records,
+    and the version from the weights fingerprint. Prefers the champion among equal weights."""
+    from . import registry_client
+    from .tracking import client as tracking_client
+    from .tracking import resolve_tracking_uri
 
-    from . import limits
-    from .codec.container import check_pixels
-
-    if not path.is_file():
-        raise CliError(f"cannot read image {path}: no such file; give a PNG/JPEG file")
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # limits.MAX_PIXELS decides below, with its env variable
+    uri = resolve_tracking_uri(tracking_uri or "")
+    name = registry_name_of(header)
+    fix = "give --model (the checkpoint or registry reference used to encode)"
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):].split("?", 1)[0]):
+        raise CliError(f"the file was encoded with {header.model_text()}, and there is no registry at {uri} "
+                       f"to find it in; set MLFLOW_TRACKING_URI or {fix}")
+    client = tracking_client(uri)
     try:
-        with Image.open(path) as im:
-            check_pixels(im.height, im.width, 1, f"image {path}")
-            rgb = _pixels(im, path)
-    except (CliError, limits.LimitError):
-        raise
-    except Image.DecompressionBombError as e:
-        raise limits.LimitError(f"image {path} is too large ({e}); raise COMPRESSZOO_MAX_PIXELS") from None
-    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types for malformed files
-        raise CliError(f"cannot read image {path}: {type(e).__name__}: {e}; give a PNG/JPEG file") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-    return rgb
-
-
-def _as_tensor(pixels):
-    import torch  # imported only once the cheap checks have passed: it takes seconds
-
-    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x  # gray -> RGB
-
-
-def _output_format(path: Path) -> str:
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise CliError(f"unsupported output extension {path.suffix!r} for {path}; use one of "
-                       f"{', '.join(sorted(k for k in OUTPUT_FORMATS if k))}")
-    return fmt
-
-
-def _save_image(x, path: str, fmt: str) -> None:
-    import numpy as np
-    from PIL import Image
-
-    arr = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    Image.fromarray(arr).save(path, format=fmt)
+        versions = client.search_model_versions(f"name = '{name}'")
+        champion = None if not versions else client.get_registered_model(name).aliases.get(
+            registry_client.CHAMPION)
+    except Exception as e:
+        raise registry_client.RegistryError(
+            f"finding {name} for the file: the MLflow registry at {uri} is unreachable or failing "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); {fix}") from e
+    found: dict[str, list[str]] = {}  # full weights id -> versions
+    for v in versions:
+        wid = _registered_weights_id(client, v, uri)
+        if wid and wid[:len(header.weights_id)] == header.weights_id:
+            found.setdefault(wid, []).append(str(v.version))
+    if not found:
+        raise CliError(f"no registered version of {name} in {uri} has the weights the file was encoded "
+                       f"with ({header.model_text()}; {len(versions)} version(s) checked); {fix}")
+    if len(found) > 1:
+        listed = "; ".join(f"weights {w}: versions {', '.join(vs)}" for w, vs in sorted(found.items()))
+        raise CliError(f"the file's weights fingerprint {header.weights_id} matches different weights in "
+                       f"{name} ({listed}); give --model {name}:VERSION")
+    (matches,) = found.values()
+    chosen = str(champion) if str(champion) in matches else max(matches, key=int)
+    return f"{name}:{chosen}"
 
 
 def batch_outputs(out: Path, count: int) -> list[Path]:
@@ -183,10 +172,10 @@ def cmd_encode(args) -> int:
 
     src, out = Path(args.input), Path(args.output)
     _check_output(out, [src, *_model_inputs(args.model)])
-    pixels = _read_image(src)  # before the (slow) model load: a bad image fails fast
+    pixels = read_pixels(src)  # before the (slow) model load: a bad image fails fast
     from .codec import encode_image
 
-    x = _as_tensor(pixels)
+    x = to_tensor(pixels)
     model = _load_model(args.model)
     data = encode_image(model, x)
     storage.write_bytes(os.path.abspath(out), data)  # absolute: a local path, never a URI
@@ -200,21 +189,25 @@ def cmd_decode(args) -> int:
     from .codec.container import read_header
 
     src, out = Path(args.input), Path(args.output)
-    fmt = _output_format(out)
+    fmt = output_format(out)
     data = _read_file(src)
     header = read_header(data)  # a foreign or corrupt file fails before the model loads
     outputs = batch_outputs(out, header.num_images) if header.batched else [out]
+    ref = args.model
     for path in outputs:
-        _check_output(path, [src, *_model_inputs(args.model)])
+        _check_output(path, [src, *_model_inputs(ref)] if ref else [src])
+    if not ref:
+        ref = find_registered(header)
+        print(f"{args.input}: encoded with {header.model_text()}; using the registered {ref}")
     from .codec import decode_image
 
-    model = _load_model(args.model)
+    model = _load_model(ref)
     x_hat = decode_image(data, model)
     images = x_hat if header.batched else x_hat[None]
     with contextlib.ExitStack() as stack:  # all renamed on success, all removed on failure
         staged = [stack.enter_context(storage.staged_file(os.path.abspath(p))) for p in outputs]
         for img, tmp in zip(images, staged):
-            _save_image(img, tmp, fmt)
+            save_image(img, tmp, fmt)
     names = str(outputs[0]) if len(outputs) == 1 else f"{outputs[0]} .. {outputs[-1]}"
     print(f"{args.input} -> {names}: {len(outputs)} image(s) of {x_hat.shape[-1]}x{x_hat.shape[-2]}")
     return 0
@@ -255,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("-o", "--output", required=True,
                      help=f"the image to write ({', '.join(sorted(k for k in OUTPUT_FORMATS if k))}); "
                           "a batched file writes NAME_0.EXT, NAME_1.EXT, ...")
-    dec.add_argument("--model", required=True, help="the checkpoint or registry name used to encode")
+    dec.add_argument("--model", help="the checkpoint or registry name used to encode (default: the "
+                     "registered version the file's model identity and weights fingerprint name, "
+                     "looked up in MLFLOW_TRACKING_URI)")
     dec.set_defaults(fn=cmd_decode)
     info = sub.add_parser("info", help="describe a .czoo file (no model needed)")
     info.add_argument("input")

@@ -12,7 +12,6 @@ a hostile image or file is refused (ServingInputError: a ValueError, and a 400 a
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,21 +34,17 @@ def encode_file(model, data: bytes, what: str = "image") -> tuple[bytes, int, in
     """An image file's bytes -> (.czoo bytes, height, width), read exactly as `compresszoo
     encode` reads a file (modes, 16-bit PNGs, the pixel limit checked from the header)."""
     from .. import limits
-    from ..cli import CliError, _as_tensor, _read_image
     from ..codec import encode_image
+    from ..imagefiles import InputError, read_pixels, to_tensor
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise ServingInputError(f"{what}: expected the bytes of an image file (PNG, JPEG, ...), "
                                 f"got {type(data).__name__} of length {len(data or b'')}")
-    # The CLI's reader takes a path (libpng reads 16-bit PNGs from it): a private file.
-    with tempfile.TemporaryDirectory(prefix="compresszoo-serve-") as tmp:
-        path = Path(tmp) / "image"
-        path.write_bytes(data)
-        try:
-            pixels = _read_image(path)
-        except (CliError, limits.LimitError) as e:
-            raise ServingInputError(str(e).replace(f"image {path}", what).replace(str(path), what)) from None
-    x = _as_tensor(pixels)
+    try:
+        pixels = read_pixels(bytes(data), what)
+    except (InputError, limits.LimitError) as e:
+        raise ServingInputError(str(e)) from None
+    x = to_tensor(pixels)
     try:
         return encode_image(model, x), int(x.shape[-2]), int(x.shape[-1])
     except limits.LimitError as e:  # the padded size can cross the limit the file's size did not
@@ -59,8 +54,8 @@ def encode_file(model, data: bytes, what: str = "image") -> tuple[bytes, int, in
 def decode_file(model, data: bytes, what: str = ".czoo file") -> tuple[bytes, int, int]:
     """.czoo bytes -> (PNG bytes, height, width); the header, the limits and the model's
     identity are checked before anything is decoded."""
-    from ..cli import _save_image
     from ..codec import ContainerError, decode_image, read_header
+    from ..imagefiles import image_bytes
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise ServingInputError(f"{what}: expected the bytes of a .czoo file, got {type(data).__name__}")
@@ -73,9 +68,7 @@ def decode_file(model, data: bytes, what: str = ".czoo file") -> tuple[bytes, in
         x_hat = decode_image(data, model)
     except ContainerError as e:  # LimitError subclasses included: all ValueErrors of the file
         raise ServingInputError(f"{what}: {e}") from None
-    buf = io.BytesIO()
-    _save_image(x_hat, buf, "PNG")
-    return buf.getvalue(), int(x_hat.shape[-2]), int(x_hat.shape[-1])
+    return image_bytes(x_hat), int(x_hat.shape[-2]), int(x_hat.shape[-1])
 
 
 def _mode(params: dict | None) -> str:

@@ -2,7 +2,7 @@
 
     python pipelines/evaluate.py --images kodak/ --model q1.safetensors --model q2.safetensors \\
         --model mbt2018-mse-q3@champion [--codecs jpeg,webp,avif,jxl] \\
-        [--reference ../shared/reference/compressai_kodak_mse.json] [--out DIR] [--mlflow]
+        [--reference platform/compresszoo/evaluate/compressai_kodak_mse.json] [--out DIR] [--mlflow]
 
 --model takes a .safetensors checkpoint or a registry reference NAME[@ALIAS|:VERSION], optionally
 prefixed with FAMILY= to name its curve (default: "<architecture>-<metric>"). Every number comes
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help=f"classic codecs to run: comma list of {', '.join(CODECS)}; auto (default: all "
                         "available here) or none")
     p.add_argument("--reference", help="published results JSON to compare with (e.g. "
-                                       "../shared/reference/compressai_kodak_mse.json; meaningful on Kodak)")
+                                       "platform/compresszoo/evaluate/compressai_kodak_mse.json, the published zoo; meaningful on Kodak)")
     p.add_argument("--out", default="evaluation", help="output folder (default: ./evaluation)")
     p.add_argument("--mlflow", action="store_true", help="log the tables and plots to an MLflow run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; for registry "

@@ -11,6 +11,12 @@ one is trained (and registered) first; with --metrics mse,ms-ssim both halves ar
 With --data omitted and --preset smoke, the miniature Vimeo90K is generated and sharded
 under --workdir first, so the command runs on a fresh machine. MLflow comes from
 MLFLOW_TRACKING_URI (default: sqlite ./mlflow.db).
+
+Output: each model's phases (sharding, training, gate, registering) and a progress line
+(step of total, loss, bpp, PSNR, images/s, ETA) redrawn in place on a terminal, or printed
+every COMPRESSZOO_PROGRESS_EVERY seconds (default 30) into a log; then the summary table.
+Ray's own output (per-report lines, warnings, worker logs) stays in the Ray logs unless
+--verbose.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import ray  # noqa: E402
 
-from compresszoo import zoo_jobs  # noqa: E402
+from compresszoo import progress, zoo_jobs  # noqa: E402
 from compresszoo.config import RECIPES  # noqa: E402
 from compresszoo.data.miniature import ensure_smoke_data  # noqa: E402
 from compresszoo.models.registry import ARCHITECTURES  # noqa: E402
@@ -51,6 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--concurrency", type=int, default=0, help="trainings at once (0: as many as the cluster holds)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override any TrainConfig field, e.g. --set max_steps=1000 --set workers=2")
+    ap.add_argument("--verbose", action="store_true", help="also stream Ray's own output (workers' logs, "
+                    "Ray Train's per-report lines, Ray Data's progress bars) into this output")
     return ap.parse_args(argv)
 
 
@@ -76,13 +84,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"train_zoo: {e}", file=sys.stderr)
         return 2
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=True)
+    shown = progress.set_default(progress.Display())
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True,
+             **progress.quiet_ray_logging(args.verbose))
     if not args.data:
+        shown.phase("data", "sharding", f"the miniature Vimeo90K under {workdir} (once)")
         args.data = ensure_smoke_data(workdir)
     configs = plan(args)
     workers = zoo_jobs.concurrency_for(configs[0], ray.cluster_resources(), requested=args.concurrency)
-    print(f"[train_zoo] {len(configs)} model(s), {workers} at once; MLflow at {os.environ['MLFLOW_TRACKING_URI']}",
-          flush=True)
+    shown.message(f"{len(configs)} model(s), {min(workers, len(configs))} at once; "
+                  f"MLflow at {os.environ['MLFLOW_TRACKING_URI']}"
+                  + ("" if args.verbose else "; Ray's own output is in the Ray logs (--verbose shows it)"))
     # MSE models in the plan only as parents (not asked for) are reused when registered
     reuse = "mse" not in zoo_jobs.requested_metrics(args.metrics, args.overrides)
     rows = zoo_jobs.run_zoo(configs, workers, reuse_parents=reuse)

@@ -31,6 +31,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import ray  # noqa: E402
 
+from compresszoo import progress  # noqa: E402
 from compresszoo.config import RECIPES  # noqa: E402
 from compresszoo.data.miniature import ensure_smoke_data  # noqa: E402
 from compresszoo.models.registry import ARCHITECTURES  # noqa: E402
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     ap.add_argument("--trial-cpus", type=float, default=0.25, help="CPUs of each trial's own actor "
                     "(Train controller, the bitrate check)")
     ap.add_argument("--concurrency", type=int, default=0, help="trials at once (0: as many as the cluster holds)")
+    ap.add_argument("--verbose", action="store_true", help="also print Ray's and Tune's own output (trial "
+                    "tables, worker logs); by default a progress line per trial")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override any TrainConfig field for every trial, e.g. --set max_steps=20000")
     return ap.parse_args(argv)
@@ -115,11 +118,12 @@ def main(argv=None) -> int:
     except ValueError as e:  # SweepError, or a flag the search space refuses
         print(f"tune_sweep: {e}", file=sys.stderr)
         return 2
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True,
+             **progress.quiet_ray_logging(args.verbose))
     if not args.data and not args.resume:
         sc = replace(sc, base=sc.base.with_overrides({"data": ensure_smoke_data(workdir)}))
     out = Path(args.out) if args.out else Path(args.storage if "://" not in args.storage else workdir) / f"{args.name}-report"
-    outcome = run_sweep(sc, resume=args.resume, report_dir=out)
+    outcome = run_sweep(sc, resume=args.resume, report_dir=out, verbose=args.verbose)
     print(f"[tune_sweep] report: {out}; tuned zoo: python pipelines/train_zoo.py --config "
           f"{outcome.paths['config']} ...", flush=True)
     return 1 if outcome.report["counts"].get("error") else 0

@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from compresszoo.evaluate import UsageError, rd
-from compresszoo.evaluate.compare import load_reference
+from compresszoo.evaluate.compare import (
+    PUBLISHED_ZOO,
+    load_reference,
+    rd_position,
+    rd_position_text,
+)
 from compresszoo.evaluate.images import read_rgb
 from compresszoo.evaluate.learned import load_model
 from compresszoo.evaluate.runner import Options, evaluate, tracking_uri_for
@@ -26,7 +31,8 @@ from compresszoo.evaluate.runner import Options, evaluate, tracking_uri_for
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = ROOT / "pipelines" / "evaluate.py"
 FAMILY = "bmshj2018-factorized-mse"
-# bmshj2018-factorized on Kodak, from the published CompressAI results (benchmarks/reference/,
+# bmshj2018-factorized on Kodak, from the published CompressAI results
+# (compresszoo/evaluate/compressai_kodak_mse.json,
 # checked in test_the_reference_file_loads_and_holds_the_values_used_here)
 KODAK_BPP = [0.1226, 0.1885, 0.2878, 0.4404, 0.6481, 0.9670, 1.3512, 1.8333]
 KODAK_PSNR = [26.909, 28.218, 29.617, 31.277, 32.956, 35.381, 37.397, 39.621]
@@ -453,9 +459,9 @@ def test_mlflow_is_touched_only_when_asked_for(run, tmp_path, monkeypatch):
 
 
 def test_the_reference_file_loads_and_holds_the_values_used_here():
-    """The repo's copy of the published results (benchmarks/reference/); the BD tests above use
-    its bmshj2018-factorized curve, rounded."""
-    path = ROOT / "benchmarks" / "reference" / "compressai_kodak_mse.json"
+    """The repo's one copy of the published results (package data, read by model cards); the
+    BD tests above use its bmshj2018-factorized curve, rounded."""
+    path = PUBLISHED_ZOO
     published = json.loads(path.read_text())["results"]["bmshj2018-factorized"]
     assert [round(v, 4) for v in published["bpp"]] == KODAK_BPP
     assert [round(v, 3) for v in published["psnr"]] == KODAK_PSNR
@@ -465,6 +471,32 @@ def test_the_reference_file_loads_and_holds_the_values_used_here():
     assert "Kodak" in meta["dataset"]
     # the published zoo ranks as the papers say: mbt2018 needs fewer bits than factorized
     assert rd.bd_rate(curves["reference:bmshj2018-factorized-mse"], curves["reference:mbt2018-mse"]) < -20
+
+
+def test_rd_position_against_the_published_zoo_says_when_it_compares():
+    published = json.loads(PUBLISHED_ZOO.read_text())["results"]["bmshj2018-hyperprior"]
+    kodak = [(512, 768)] * 20 + [(768, 512)] * 4
+    bpp, psnr = published["bpp"][2], published["psnr"][2]  # quality 3: the zoo's N=128, M=192
+    at = dict(architecture="bmshj2018-hyperprior", metric="mse", quality=3, N=128, M=192, image_shapes=kodak)
+    same = rd_position(payload_bpp=bpp, psnr=psnr, **at)
+    assert same["comparable"] and same["not_comparable"] == []
+    assert same["published"] == {"bpp": bpp, "psnr": psnr}
+    # the published point itself: no difference (pchip passes through its nodes; log/exp rounding)
+    assert abs(same["psnr_delta_db_at_equal_bpp"]) < 1e-9 and abs(same["bpp_delta_percent_at_equal_psnr"]) < 1e-7
+    better = rd_position(payload_bpp=bpp, psnr=psnr + 0.5, **at)  # +0.5 dB at the same rate
+    assert abs(better["psnr_delta_db_at_equal_bpp"] - 0.5) < 1e-9 and better["bpp_delta_percent_at_equal_psnr"] < 0
+    assert "+0.50 dB at equal bpp" in rd_position_text(better)
+
+    smoke = rd_position(architecture="bmshj2018-hyperprior", metric="mse", quality=8, N=8, M=12,
+                        payload_bpp=0.14, psnr=24.0, image_shapes=[(64, 64)] * 2)
+    assert not smoke["comparable"] and smoke["psnr_delta_db_at_equal_bpp"] is None
+    assert smoke["published"] == {"bpp": published["bpp"][7], "psnr": published["psnr"][7]}
+    text = rd_position_text(smoke)
+    assert text.startswith("Not comparable with the published zoo")
+    assert "N=8, M=12 is not the zoo's N=192, M=320 at quality 8" in text and "not the 24 Kodak images" in text
+    ms = rd_position(**{**at, "metric": "ms-ssim"}, payload_bpp=bpp, psnr=psnr)
+    assert not ms["comparable"] and ms["published"] is None
+    assert "no published ms-ssim curve for bmshj2018-hyperprior" in rd_position_text(ms)
 
 
 def _point(curve: str, kind: str, setting: str, bpp: float, psnr: float, ms_ssim: float) -> dict:

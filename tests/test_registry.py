@@ -266,14 +266,45 @@ def test_experiment_creation_tolerates_only_the_already_exists_race(tmp_path):
             self.calls += 1
             return None if self.calls == 1 else client.get_experiment_by_name(name)
 
-        def create_experiment(self, name, artifact_location=None):
-            return client.create_experiment(name, artifact_location=artifact_location)
+        def create_experiment(self, name, artifact_location=None, tags=None):
+            return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
 
     assert experiment_id(LateClient(), "race") == first
 
     with pytest.raises(MlflowException) as e:  # any other failure propagates
         experiment_id(client, "")
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_experiments_open_in_mlflows_training_view(tmp_path):
+    """MLflow 3's UI picks an experiment's view from the mlflow.experimentKind tag; without it
+    the runs hide behind the GenAI view's toggle. New and older experiments both get it."""
+    from compresszoo.tracking import EXPERIMENT_KIND_TAG, find_or_create_run
+
+    uri = f"sqlite:///{tmp_path}/kind.db"
+    client = tracking_client(uri)
+    find_or_create_run(uri, "fresh", "run-a")
+    old = client.create_experiment("made-before")  # as compresszoo made them until now
+    find_or_create_run(uri, "made-before", "run-b")
+    for exp in (client.get_experiment_by_name("fresh"), client.get_experiment(old)):
+        assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_a_registry_that_is_down_fails_at_once_naming_the_address_and_the_fix(refused_url, monkeypatch):
+    """With MLflow's default retries a dead server takes minutes to fail; compresszoo checks
+    the connection first. The bound is a hang guard, far above the expected instant failure."""
+    import time
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(rc.RegistryError, match=rf"model '{NAME}@champion'.*unreachable.*{re.escape(refused_url)}"
+                       r".*cluster/up\.sh.*MLFLOW_TRACKING_URI"):
+        rc.load_registered(f"{NAME}@champion", refused_url)
+    assert time.monotonic() - t0 < 60
+    monkeypatch.setenv("COMPRESSZOO_TRACKING_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="COMPRESSZOO_TRACKING_CONNECT_TIMEOUT='soon': give seconds"):
+        rc.load_registered(f"{NAME}@champion", refused_url)
 
 
 _RACER = textwrap.dedent("""

@@ -66,7 +66,7 @@ def test_sweep_settings_keep_the_overrides_across_a_resume(tmp_path):
 
 
 def test_msssim_sweep_trains_missing_parents_first_and_finetunes_every_trial_from_them(
-        shards, ray_session, tmp_path, monkeypatch):
+        shards, ray_session, tmp_path, monkeypatch, capsys):
     from compresszoo.tracking import client
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
@@ -86,6 +86,8 @@ def test_msssim_sweep_trains_missing_parents_first_and_finetunes_every_trial_fro
         assert str(v.version) == "1" and c.get_run(v.run_id).data.tags["gate.passed"] == "True"
     rows = outcome.report["trials"]
     assert [r["status"] for r in rows] == ["completed"], rows
+    shown = capsys.readouterr().out  # the trial's progress line, read from its MLflow run
+    assert f"[tune_sweep] {rows[0]['name']}" in shown and "4/4" in shown, shown[-2000:]
     exp = c.get_experiment_by_name("compresszoo-sweep-ms")
     runs = [r for r in c.search_runs([exp.experiment_id]) if "parent.ref" in r.data.tags]
     assert len(runs) == 1

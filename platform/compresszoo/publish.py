@@ -6,7 +6,9 @@ registered version also carries a plot of the gate's measurements (rd_plot.png).
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .codec.gate import GateThresholds, validate_bitrate
@@ -53,7 +55,21 @@ def measure_and_log(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps
     return model, report
 
 
-RD_PLOT = "rd_plot.png"
+RD_PLOT, RD_POSITION = "rd_plot.png", "rd_position.json"
+
+
+def rd_position(spec, report: dict) -> dict:
+    """The model's gate measurement against the published zoo at its quality (for the model
+    card; evaluate.compare.rd_position says when that comparison means something), with
+    its sentence under "text"."""
+    from .evaluate.compare import rd_position as position
+    from .evaluate.compare import rd_position_text
+
+    overall = report["overall"]
+    pos = position(architecture=spec.architecture, metric=spec.metric, quality=spec.quality, N=spec.N,
+                   M=spec.M, payload_bpp=overall.get("payload_bpp"), psnr=overall.get("psnr"),
+                   image_shapes=[(r["height"], r["width"]) for r in report.get("images", [])])
+    return {**pos, "text": rd_position_text(pos)}
 
 
 def rd_plot(report: dict, path: Path, *, title: str = "") -> Path | None:
@@ -72,8 +88,9 @@ def rd_plot(report: dict, path: Path, *, title: str = "") -> Path | None:
 
 
 def gate_and_register(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, steps: int,
-                      val_loss: float) -> dict:
-    """Returns a summary row: gate verdict, bitrates, PSNR and the registry version (or None)."""
+                      val_loss: float, on_register: Callable[[], None] | None = None) -> dict:
+    """Returns a summary row: gate verdict, bitrates, PSNR and the registry version (or None).
+    on_register: called once the gate has passed, before the upload (a progress phase)."""
     from . import registry_client
 
     model, report = measure_and_log(cfg, checkpoint_dir, run_id, steps=steps)
@@ -82,33 +99,57 @@ def gate_and_register(cfg: TrainConfig, checkpoint_dir: str, run_id: str, *, ste
     spec = cfg.spec()
     row = {"architecture": spec.architecture, "quality": spec.quality, "lambda": spec.lmbda,
            "N": spec.N, "M": spec.M, "steps": steps, "estimated_bpp": overall["estimated_bpp"],
+           "payload_bpp": overall["payload_bpp"], "relative_gap": overall["relative_gap"],
+           # the pair the gap is computed from (images with both sides >= min_side)
+           "gate_payload_bpp": overall["gap_payload_bpp"], "gate_estimated_bpp": overall["gap_estimated_bpp"],
+           "max_relative_gap": report["thresholds"]["max_relative_gap"],
            "real_bpp": overall["real_bpp"], "psnr": overall["psnr"], "gate": report["passed"],
            "reason": report["reason"], "name": spec.registry_name, "version": None}
     if report["passed"]:
+        if on_register is not None:
+            on_register()
+        position = rd_position(spec, report)
         rd_point = {"bpp": overall["real_bpp"], "payload_bpp": overall["payload_bpp"],
                     "psnr": overall["psnr"], "ms_ssim": overall["ms_ssim"], "val_loss": val_loss}
         with tempfile.TemporaryDirectory(prefix="compresszoo-card-") as tmp:
             plot = rd_plot(report, Path(tmp) / RD_PLOT, title=spec.registry_name)
+            (Path(tmp) / RD_POSITION).write_text(json.dumps(position, indent=2))
             version, champion = registry_client.register(
                 model, name=spec.registry_name, run_id=run_id, config=cfg.to_dict(), report=report,
                 rd_point=rd_point, val_loss=val_loss, tracking_uri=cfg.tracking_uri,
                 tags={"config_hash": cfg.config_hash(), "manifest_sha": manifest_sha(cfg.data),
                       "run_name": cfg.run_name(), "steps": steps},
-                attachments={RD_PLOT: plot} if plot else None)
+                attachments={RD_POSITION: Path(tmp) / RD_POSITION, **({RD_PLOT: plot} if plot else {})},
+                rd_position=position)
         row.update(version=version, champion=champion)
         logger.set_tags({"registry.name": spec.registry_name, "registry.version": version})
     logger.close()
     return row
 
 
+def _first(row: dict, *keys: str):
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
 def summary_table(rows: list[dict]) -> str:
-    head = "| arch | q | lambda | N,M | steps | est. bpp | real bpp | PSNR | gate | version |"
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The zoo job's final table: per model the pair the gate compares (payload bpp: the
+    entropy-coded bitstreams; estimated bpp: the likelihoods), their gap and the allowed gap,
+    the verdict, then the whole file's bpp and PSNR."""
+    head = ("| arch | q | lambda | N,M | steps | payload bpp | est. bpp | gap | allowed | gate | "
+            "file bpp | PSNR | version |")
+    lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         gate = "pass" if r.get("gate") else f"FAIL: {r.get('reason', '')}"
+        if r.get("gate") and r.get("relative_gap") is None and r.get("reason"):
+            gate += f" ({r['reason']})"  # not gated in this job: already registered
         lines.append(f"| {r['architecture']} | {r['quality']} | {r['lambda']:g} | {r['N']},{r['M']} | "
-                     f"{r.get('steps', '-')} | {fmt(r.get('estimated_bpp'), '.4f')} | {fmt(r.get('real_bpp'), '.4f')} | "
-                     f"{fmt(r.get('psnr'), '.2f')} | {gate} | {r.get('version') or '-'} |")
+                     f"{r.get('steps') or '-'} | {fmt(_first(r, 'gate_payload_bpp', 'payload_bpp'), '.4f')} | "
+                     f"{fmt(_first(r, 'gate_estimated_bpp', 'estimated_bpp'), '.4f')} | "
+                     f"{fmt(r.get('relative_gap'), '+.2%')} | "
+                     f"{fmt(r.get('max_relative_gap'), '.0%')} | {gate} | {fmt(r.get('real_bpp'), '.4f')} | "
+                     f"{fmt(r.get('psnr'), '.2f')} | {r.get('version') or '-'} |")
+    lines += ["", "payload bpp: the entropy-coded bitstreams; est. bpp: the model's likelihoods; gap: "
+              "(payload - est.) / est. on the held-out images the gate measures; the gate passes "
+              "|gap| <= allowed. file bpp: the whole .czoo file, header included."]
     return "\n".join(lines)
-

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from . import storage
 from .models.io import WEIGHTS_FILE
+from .tracking import TrackingUnreachable, mlflow_error_is, resolve_tracking_uri
 from .tracking import client as _tracking_client
-from .tracking import mlflow_error_is, resolve_tracking_uri
 
 CHAMPION = "champion"
 ARTIFACT_DIR = "model"
@@ -41,9 +41,14 @@ class RegistryError(RuntimeError):
     """A model could not be found, reached or verified; the message names model and server."""
 
 
-def _client(tracking_uri: str | None = None):
+def _client(tracking_uri: str | None = None, what: str = "the registry"):
+    """(client, resolved uri); a server that accepts no connection is a RegistryError about
+    `what` at once, not minutes of MLflow's retries."""
     uri = resolve_tracking_uri(tracking_uri or "")
-    return _tracking_client(uri), uri
+    try:
+        return _tracking_client(uri), uri
+    except TrackingUnreachable as e:
+        raise RegistryError(f"{what}: the MLflow registry is unreachable or failing -- {e.detail}") from None
 
 
 def _failing(what: str, uri: str, e: BaseException) -> RegistryError:
@@ -75,7 +80,7 @@ def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
     uri = resolve_tracking_uri(tracking_uri or "")
     if not _registry_exists(uri):
         return None
-    client, _ = _client(uri)
+    client, _ = _client(uri, f"looking up the {CHAMPION} of {name}")
     try:
         version = client.get_registered_model(name).aliases.get(CHAMPION)
     except Exception as e:
@@ -105,7 +110,7 @@ def find_version(name: str, config_hash: str, manifest_sha: str, tracking_uri: s
     uri = resolve_tracking_uri(tracking_uri or "")
     if not _registry_exists(uri):
         return None  # nothing registered yet; training creates the database
-    client, _ = _client(uri)
+    client, _ = _client(uri, f"looking up {name}")
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except Exception as e:
@@ -210,9 +215,10 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def model_card(model, *, name: str, config: dict, report: dict, tags: dict, val_loss: float,
-               attachments=()) -> str:
-    """The version's description (Markdown): what the model is, how it was trained and what the
-    gate measured, with how to load it."""
+               attachments=(), rd_position: dict | None = None) -> str:
+    """The version's description (Markdown): what the model is, how it was trained, what the
+    gate measured, where that sits against the published zoo (rd_position: from
+    evaluate.compare.rd_position, with its sentence under "text"), with how to load it."""
     from .models.registry import spec_of
 
     spec = spec_of(model)
@@ -251,6 +257,24 @@ def model_card(model, *, name: str, config: dict, report: dict, tags: dict, val_
         f"{_fmt(th.get('max_relative_gap'), '.0%')} | {_fmt(overall.get('psnr'), '.2f')} | "
         f"{_fmt(overall.get('ms_ssim'))} | {overall.get('all_exact', '-')} |",
         "",
+    ]
+    if rd_position:
+        pub, mine = rd_position.get("published") or {}, rd_position.get("measured") or {}
+        bits = rd_position.get("bpp_delta_percent_at_equal_psnr")
+        lines += [
+            "RD position against the published zoo "
+            f"({'comparable' if rd_position.get('comparable') else 'not comparable'}): {rd_position.get('text', '')}",
+            "",
+            "| | payload bpp | PSNR (dB) | PSNR at equal bpp | bits at equal PSNR |",
+            "| --- | --- | --- | --- | --- |",
+            f"| this model | {_fmt(mine.get('payload_bpp'))} | {_fmt(mine.get('psnr'), '.2f')} | "
+            f"{_fmt(rd_position.get('psnr_delta_db_at_equal_bpp'), '+.2f')} | {_fmt(bits, '+.1f')}"
+            f"{'' if bits is None else '%'} |",
+            f"| published, quality {rd_position.get('quality')} | {_fmt(pub.get('bpp'))} | "
+            f"{_fmt(pub.get('psnr'), '.2f')} | | |",
+            "",
+        ]
+    lines += [
         "Artifacts: MLmodel (python_function flavor, loader compresszoo.serving.pyfunc; no pickle), "
         f"{WEIGHTS_FILE}, config.json, bitrate_report.json, rd_point.json"
         + "".join(f", {a}" for a in attachments) + ".",
@@ -265,21 +289,23 @@ def model_card(model, *, name: str, config: dict, report: dict, tags: dict, val_
 
 def register(model, *, name: str, run_id: str, config: dict, report: dict, rd_point: dict,
              tags: dict, val_loss: float, tracking_uri: str | None = None,
-             attachments: dict[str, str | os.PathLike] | None = None) -> tuple[str, bool]:
+             attachments: dict[str, str | os.PathLike] | None = None,
+             rd_position: dict | None = None) -> tuple[str, bool]:
     """Log the artifacts (an MLflow Model) to the run, create a version with its model card
     and move `champion` if it is better.
 
     Returns (version, became_champion). Call only for models that passed the gate.
-    attachments: extra files for the version's folder, by name (e.g. the RD plot PNG).
+    attachments: extra files for the version's folder, by name (e.g. the RD plot PNG);
+    rd_position: the card's comparison with the published zoo (see model_card).
     """
-    client, uri = _client(tracking_uri)
+    client, uri = _client(tracking_uri, f"registering {name}")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / ARTIFACT_DIR
         digest = write_model_dir(model, d, config=config, report=report, rd_point=rd_point,
                                  attachments=attachments)
         client.log_artifacts(run_id, str(d), ARTIFACT_DIR)
     card = model_card(model, name=name, config=config, report=report, tags=tags, val_loss=val_loss,
-                      attachments=sorted(attachments or {}))
+                      attachments=sorted(attachments or {}), rd_position=rd_position)
     try:
         client.create_registered_model(name, description=f"compresszoo {name}: learned image codec; "
                                        "each version's description is its model card")
@@ -342,7 +368,7 @@ def _locate(ref: str, tracking_uri: str | None):
         raise RegistryError(f"no MLflow registry at {uri} (the database file does not exist); set "
                             "MLFLOW_TRACKING_URI (or pass tracking_uri) to the registry holding "
                             f"{name}, e.g. sqlite:////abs/path/mlflow.db or http://host:5000")
-    client, _ = _client(uri)
+    client, _ = _client(uri, f"model {ref!r}")
     try:
         if not version:
             # Aliases are read from the registered model: a missing alias is then plainly

@@ -6,10 +6,25 @@ Only rank 0 gets a real logger; other ranks get NullLogger, so call sites never 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 RUN_KEY_TAG = "compresszoo.run_key"
+#: the experiment tag MLflow 3's UI reads to choose an experiment's view; this value opens the
+#: training view (runs, metrics, models) rather than the GenAI one (traces, evaluations)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: seconds a tracking server gets to accept a connection before it counts as unreachable
+REACH_TIMEOUT_ENV = "COMPRESSZOO_TRACKING_CONNECT_TIMEOUT"
+
+
+class TrackingUnreachable(ConnectionError):
+    """A tracking/registry server that accepts no connection; `detail` names the URI and the fix."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"MLflow server unreachable: {detail}")
+        self.detail = detail
 
 
 class NullLogger:
@@ -38,11 +53,39 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout: float | None = None) -> None:
+    """Raise TrackingUnreachable unless an http(s) tracking URI's server accepts a TCP
+    connection within `timeout` seconds (default: $COMPRESSZOO_TRACKING_CONNECT_TIMEOUT or 5).
+
+    MLflow's own client retries a dead server with backoff for minutes; one short connect
+    first turns "the cluster is down" into an error at once. Other schemes pass."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    if timeout is None:
+        raw = os.environ.get(REACH_TIMEOUT_ENV, "5")
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise ValueError(f"{REACH_TIMEOUT_ENV}={raw!r}: give seconds, e.g. 5") from None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise TrackingUnreachable(
+            f"nothing accepted a connection at {uri} within {timeout:g} s ({type(e).__name__}: "
+            f"{e or 'timed out'}); start the server (cluster/up.sh for the local cluster) or set "
+            f"MLFLOW_TRACKING_URI to a running one ({REACH_TIMEOUT_ENV} sets the wait)") from None
+
+
 def client(tracking_uri: str | None = None):
-    """The one MlflowClient constructor: tracking and registry on the same resolved URI."""
+    """The one MlflowClient constructor: tracking and registry on the same resolved URI,
+    checked to be reachable first (check_reachable)."""
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -70,11 +113,16 @@ def mlflow_error_is(exc: BaseException, code: str) -> bool:
 
 
 def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing; either way tagged to open in MLflow's
+    training view (EXPERIMENT_KIND_TAG), including experiments made before the tag was set."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception as e:
         # Only a concurrent creator winning the race is expected; outages and bad
         # settings propagate.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import publish, registry_client, storage
+from . import progress, publish, registry_client, storage
 from .config import MSE_PARENT, RECIPES, TrainConfig
 from .models.registry import ARCHITECTURES, METRICS, QUALITIES
 from .tracking import git_commit
@@ -152,13 +152,11 @@ def concurrency_for(cfg: TrainConfig, resources: dict, *, extra_cpus: float = 0.
     return max(1, n)
 
 
-def _say(text: str) -> None:
-    print(f"[train_zoo] {text}", flush=True)
-
-
 def run_one(cfg: TrainConfig) -> dict:
     """Train one model (or skip it if this config and dataset are already registered), gate
-    its real bitrate and register it if it passes. Returns its summary row."""
+    its real bitrate and register it if it passes. Returns its summary row.
+
+    Its phases and a training progress line (from its MLflow run) go to progress.default()."""
     from .train import fit, resolve_parent  # torch and Ray Train: only once a model really trains
 
     # the parent pinned first: a fine-tune's identity names the parent version it starts from
@@ -168,15 +166,22 @@ def run_one(cfg: TrainConfig) -> dict:
            "N": spec.N, "M": spec.M, "name": spec.registry_name}
     existing = registry_client.find_version(spec.registry_name, cfg.config_hash(),
                                             publish.manifest_sha(cfg.data), cfg.tracking_uri)
+    shown = progress.default()
+    label = spec.registry_name
     if existing is not None:
-        _say(f"{spec.registry_name}: already registered as version {existing.version} "
-             "for this config and dataset; skipping")
+        shown.phase(label, "skipped", f"already registered as version {existing.version} for this config "
+                    "and dataset")
         return {**row, "gate": True, "reason": "already registered", "version": str(existing.version),
                 "steps": existing.tags.get("steps")}
-    _say(f"{cfg.run_name()}: training {cfg.max_steps} steps on {cfg.workers} worker(s)")
-    result = fit(cfg)
+    with progress.watching(shown, label, tracking_uri=cfg.tracking_uri, total=cfg.max_steps,
+                           experiment=cfg.experiment, run_key=cfg.run_name(),
+                           detail=f"{cfg.workers} worker(s), run {cfg.run_name()}"):
+        result = fit(cfg)
+    shown.phase(label, "gate", f"compressing {cfg.gate_images or 'all'} held-out image(s) for real")
     out = publish.gate_and_register(cfg, result.checkpoint_dir, result.mlflow_run_id,
-                                    steps=result.steps, val_loss=result.val_loss)
+                                    steps=result.steps, val_loss=result.val_loss,
+                                    on_register=lambda: shown.phase(label, "registering",
+                                                                    "the MLflow Model, its model card, champion"))
     if parent and out.get("version"):
         from .tracking import client
 
@@ -185,7 +190,7 @@ def run_one(cfg: TrainConfig) -> dict:
             c.set_model_version_tag(spec.registry_name, out["version"], key, value)
         out["parent"] = parent.ref
     verdict = f"registered version {out['version']}" if out["gate"] else f"NOT registered: {out['reason']}"
-    _say(f"{spec.registry_name}: {verdict}")
+    shown.phase(label, "done", verdict)
     return out
 
 
@@ -195,6 +200,7 @@ def _guarded(job: Callable[[TrainConfig], dict], cfg: TrainConfig) -> dict:
     except Exception as e:  # noqa: BLE001 - one failed model must not sink the others
         traceback.print_exc()
         s = cfg.spec()
+        progress.default().phase(s.registry_name, "failed", f"{type(e).__name__}: {e}")
         return {"architecture": s.architecture, "quality": s.quality, "lambda": s.lmbda, "N": s.N,
                 "M": s.M, "gate": False, "reason": f"error: {type(e).__name__}: {e}"}
 
@@ -209,7 +215,8 @@ def reuse_parent(cfg: TrainConfig) -> dict:
     version = champion_version(spec.registry_name, cfg.tracking_uri)
     if version is None:
         return run_one(cfg)
-    _say(f"{spec.registry_name}: champion version {version} already registered; fine-tuning from it")
+    progress.default().phase(spec.registry_name, "skipped",
+                             f"champion version {version} already registered; fine-tuning from it")
     return {"architecture": spec.architecture, "quality": spec.quality, "lambda": spec.lmbda, "N": spec.N,
             "M": spec.M, "name": spec.registry_name, "gate": True, "reason": "champion already registered",
             "version": version}

@@ -126,3 +126,76 @@ def reference_note(meta: dict, num_images: int, kodak: bool) -> str:
                if kodak else
                f"These {num_images} images are not Kodak (24 images of 768x512), so those numbers compare "
                "different images: indicative only. Run on Kodak for a meaningful comparison."))
+
+
+#: the published CompressAI zoo's RD points on Kodak (MSE models), shipped with the package
+PUBLISHED_ZOO = Path(__file__).with_name("compressai_kodak_mse.json")
+
+
+def rd_position(*, architecture: str, metric: str, quality: int, N: int, M: int, payload_bpp: float | None,
+                psnr: float | None, image_shapes: list[tuple[int, int]], reference: Path = PUBLISHED_ZOO) -> dict:
+    """Where one model's measured point sits against the published zoo at its quality.
+
+    Comparable only when all hold: a published curve for this architecture and metric, the
+    zoo's own channel counts (N, M) at this quality, and the 24 Kodak images as the measured
+    set; then the PSNR difference at equal bpp and the bpp difference at equal PSNR (pchip in
+    log-rate on the published curve, payload bpp as CompressAI counts it). Otherwise the
+    published point is given for orientation and `not_comparable` says why."""
+    from ..models.registry import ARCHITECTURES
+    from .images import KODAK_SHAPES
+
+    doc = json.loads(Path(reference).read_text())
+    out = {"reference": f"CompressAI {architecture} ({doc.get('metric')}) on {doc.get('dataset')}",
+           "source": doc.get("source"), "quality": quality, "published": None,
+           "measured": {"payload_bpp": payload_bpp, "psnr": psnr, "images": len(image_shapes)},
+           "psnr_delta_db_at_equal_bpp": None, "bpp_delta_percent_at_equal_psnr": None,
+           "comparable": False, "not_comparable": []}
+    why = out["not_comparable"]
+    series = doc.get("results", {}).get(architecture) if doc.get("metric") == metric else None
+    if series is None:
+        why.append(f"no published {metric} curve for {architecture} (the reference holds "
+                   f"{doc.get('metric')} results for {', '.join(doc.get('results', {}))})")
+    elif quality in series["quality"]:
+        i = series["quality"].index(quality)
+        out["published"] = {"bpp": series["bpp"][i], "psnr": series["psnr"][i]}
+    arch = ARCHITECTURES.get(architecture)
+    if arch is not None and 1 <= quality <= len(arch.channels) and tuple(arch.channels[quality - 1]) != (N, M):
+        zn, zm = arch.channels[quality - 1]
+        why.append(f"N={N}, M={M} is not the zoo's N={zn}, M={zm} at quality {quality}")
+    if not (len(image_shapes) == 24 and all(tuple(s) in KODAK_SHAPES for s in image_shapes)):
+        why.append(f"measured on {len(image_shapes)} held-out image(s) of the training data, not the 24 "
+                   "Kodak images the published curve uses")
+    if payload_bpp is None or psnr is None:
+        why.append("no measured bpp and PSNR")
+    if why or series is None:
+        return out
+    curve = rd.RDCurve(f"reference:{architecture}-{metric}", series["bpp"], series["psnr"])
+    out["comparable"] = True
+    try:
+        out["psnr_delta_db_at_equal_bpp"] = psnr - rd.quality_at_rate(curve, payload_bpp)
+    except ValueError:
+        pass  # outside the published bpp range: pchip does not extrapolate
+    try:
+        out["bpp_delta_percent_at_equal_psnr"] = 100 * (payload_bpp / rd.rate_at_quality(curve, psnr) - 1)
+    except ValueError:
+        pass
+    return out
+
+
+def rd_position_text(pos: dict) -> str:
+    """One or two sentences for a model card."""
+    pub, m = pos["published"], pos["measured"]
+    here = (f"this model: {m['payload_bpp']:.4f} bpp, {m['psnr']:.2f} dB"
+            if m["payload_bpp"] is not None and m["psnr"] is not None else "this model: not measured")
+    ref = (f"the published point at quality {pos['quality']} is {pub['bpp']:.4f} bpp, {pub['psnr']:.2f} dB"
+           if pub else f"no published point at quality {pos['quality']}")
+    if not pos["comparable"]:
+        return (f"Not comparable with the published zoo ({pos['reference']}): "
+                + "; ".join(pos["not_comparable"]) + f". For orientation only: {ref}; {here}.")
+    parts = []
+    if pos["psnr_delta_db_at_equal_bpp"] is not None:
+        parts.append(f"{pos['psnr_delta_db_at_equal_bpp']:+.2f} dB at equal bpp")
+    if pos["bpp_delta_percent_at_equal_psnr"] is not None:
+        parts.append(f"{pos['bpp_delta_percent_at_equal_psnr']:+.1f}% bits at equal PSNR")
+    verdict = ", ".join(parts) if parts else "outside the published curve's range (no interpolation)"
+    return f"Against {pos['reference']}: {verdict}; {ref}; {here} (payload bpp, as CompressAI counts)."

@@ -26,7 +26,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import FIFOScheduler
 
-from .. import storage
+from .. import progress, storage
 from ..config import RECIPES, TrainConfig
 from ..storage import ray_storage
 from ..tracking import (
@@ -126,8 +126,12 @@ class SweepOutcome:
     resumed: bool = False
 
 
-def run_sweep(sc: SweepConfig, *, resume: bool = False, report_dir: str | os.PathLike | None = None) -> SweepOutcome:
+def run_sweep(sc: SweepConfig, *, resume: bool = False, report_dir: str | os.PathLike | None = None,
+              verbose: bool = False) -> SweepOutcome:
     """Run (or with resume=True, continue) a sweep to the end and write its report.
+
+    Progress: a line per trial from its MLflow run (progress.py, as the zoo job shows its
+    models); verbose=True also prints Tune's own trial tables.
 
     resume=True reloads the settings stored with the sweep (sc only names it: name, storage)
     and restores Tune's experiment: finished trials are kept, unfinished ones restart and their
@@ -168,12 +172,21 @@ def run_sweep(sc: SweepConfig, *, resume: bool = False, report_dir: str | os.Pat
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=n, reuse_actors=False,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=sc.name, storage_path=root_path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=1 if verbose else 0),
         )
     print(f"[tune_sweep] {sc.name}: {len(trials)} trial(s), up to {n} at once "
           f"({cpus_per_run(base, sc.trial_cpus):g} CPU each); {'resuming' if restored else 'starting'} at {sc.uri}",
           flush=True)
-    grid = tuner.fit()
+    shown = progress.Display(prefix="[tune_sweep]")
+    watchers = [progress.RunWatcher(shown, t.name, tracking_uri=base.tracking_uri, total=base.max_steps,
+                                    experiment=base.experiment, run_key=trial_config(base, t).run_name()).start()
+                for t in trials]
+    try:
+        grid = tuner.fit()
+    finally:
+        for w in watchers:
+            w.stop()
     rows = [_row(r, base) for r in grid]
     outcome = finish_report(sc, rows, parent, report_dir=report_dir)
     outcome.concurrency, outcome.resumed = n, restored

@@ -23,6 +23,7 @@ ALLOWED = {
     "models": {"ans", "limits", "storage"},
     "codec": {"ans", "models", "limits", "storage"},
     "data": {"limits", "storage"},
+    "compat": {"models", "ans", "zoo"},
 }
 
 

@@ -1,7 +1,8 @@
 """Zoo functions named like CompressAI's: bmshj2018_factorized(quality, metric, pretrained).
 
 pretrained=True loads the `champion` version of `<arch>-<metric>-q<quality>` from the MLflow
-registry at MLFLOW_TRACKING_URI (default ./mlflow.db), verified and cached locally.
+registry at MLFLOW_TRACKING_URI (default ./mlflow.db), verified and cached locally. `progress`
+is accepted for CompressAI code and changes nothing (no download bar: no download).
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ def _zoo(name: str, quality: int, metric: str, pretrained: bool, **kwargs) -> Co
     return create_model(name, quality=quality, metric=metric, **kwargs)
 
 
-def bmshj2018_factorized(quality: int, metric: str = "mse", pretrained: bool = False, **kw):
+def bmshj2018_factorized(quality: int, metric: str = "mse", pretrained: bool = False,
+                         progress: bool = True, **kw):
     return _zoo("bmshj2018-factorized", quality, metric, pretrained, **kw)
 
 
-def bmshj2018_hyperprior(quality: int, metric: str = "mse", pretrained: bool = False, **kw):
+def bmshj2018_hyperprior(quality: int, metric: str = "mse", pretrained: bool = False,
+                         progress: bool = True, **kw):
     return _zoo("bmshj2018-hyperprior", quality, metric, pretrained, **kw)
 
 
-def mbt2018_mean(quality: int, metric: str = "mse", pretrained: bool = False, **kw):
+def mbt2018_mean(quality: int, metric: str = "mse", pretrained: bool = False,
+                 progress: bool = True, **kw):
     return _zoo("mbt2018-mean", quality, metric, pretrained, **kw)
 
 
-def mbt2018(quality: int, metric: str = "mse", pretrained: bool = False, **kw):
+def mbt2018(quality: int, metric: str = "mse", pretrained: bool = False,
+            progress: bool = True, **kw):
     return _zoo("mbt2018", quality, metric, pretrained, **kw)

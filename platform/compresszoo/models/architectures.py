@@ -17,28 +17,57 @@ from . import layers as L
 from . import portable as P
 from .entropy import EntropyBottleneck, EntropyModel, GaussianConditional, get_scale_table
 
+#: the stream orders of mbt2018's context model (see JointAutoregressiveHierarchicalPriors)
+ORDERS = ("wavefront", "raster")
+
+
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+
 
 class CompressionModel(nn.Module):
-    """Base: update(), aux_loss() and the metadata saved with every checkpoint."""
+    """Base: update(), aux_loss() and the metadata saved with every checkpoint.
+
+    N and M are optional so that models written CompressAI's way (`super().__init__()`, then
+    their own entropy_bottleneck and transforms) work unchanged."""
 
     #: total downsampling from image to the deepest latent; inputs are padded to it
     downsampling_factor = 16
 
-    def __init__(self, N: int, M: int):
+    def __init__(self, N: int | None = None, M: int | None = None):
         super().__init__()
-        self.N, self.M = int(N), int(M)
-        self.meta: dict = {"N": self.N, "M": self.M}
+        self.meta: dict = {}
+        if N is not None and M is not None:
+            self.N, self.M = int(N), int(M)
+            self.meta.update(N=self.N, M=self.M)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict):
+        """A model of this class sized from a state dict (N from g_a's first conv, M from its
+        last), with the state dict loaded: CompressAI's constructor for its checkpoints."""
+        convs = [k for k in ("g_a.0.weight", "g_a.6.weight") if k not in state_dict]
+        if convs:
+            raise ValueError(f"state_dict has no {', '.join(convs)}: not a checkpoint of "
+                             f"{cls.__name__} (g_a must hold 4 convolutions)")
+        net = cls(state_dict["g_a.0.weight"].size(0), state_dict["g_a.6.weight"].size(0))
+        net.load_state_dict(state_dict)
+        return net
 
     def entropy_models(self):
         return [m for m in self.modules() if isinstance(m, EntropyModel)]
 
-    def update(self, scale_table: Tensor | None = None, force: bool = False) -> bool:
-        """Build every CDF table; needed once after training before real coding."""
+    def update(self, scale_table: Tensor | None = None, force: bool = False,
+               update_quantiles: bool = False) -> bool:
+        """Build every CDF table; needed once after training before real coding.
+
+        update_quantiles=True first solves the entropy bottlenecks' quantiles by bisection
+        instead of relying on the aux loss having converged."""
         table = get_scale_table() if scale_table is None else scale_table
         updated = False
         for m in self.entropy_models():
             if isinstance(m, EntropyBottleneck):
-                updated |= m.update(force=force)
+                updated |= m.update(force=force, update_quantiles=update_quantiles)
             elif isinstance(m, GaussianConditional):
                 updated |= m.update_scale_table(table, force=force)
         self._portable_cache = None
@@ -94,9 +123,12 @@ class FactorizedPrior(CompressionModel):
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_lik}}
 
     @torch.no_grad()
-    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False,
+                 order: str = "wavefront") -> dict:
         """{"strings": [y streams], "shape": y size}; return_latents adds the encoder's y_hat.
-        portable changes nothing here: the factorized tables depend on no computed value."""
+        portable changes nothing here: the factorized tables depend on no computed value;
+        nor does order (the stream has no context model, so both orders are the same bytes)."""
+        _check_order(order)
         y = self.g_a(x)
         out = {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
         if return_latents:
@@ -105,7 +137,8 @@ class FactorizedPrior(CompressionModel):
         return out
 
     @torch.no_grad()
-    def decompress(self, strings, shape, portable: bool = False) -> dict:
+    def decompress(self, strings, shape, portable: bool = False, order: str = "wavefront") -> dict:
+        _check_order(order)
         self._check_strings(strings, 1, type(self).__name__)
         y_hat = self.entropy_bottleneck.decompress(strings[0], shape)
         return {"x_hat": self.g_s(y_hat).clamp_(0, 1), "y_hat": y_hat}
@@ -163,12 +196,15 @@ class ScaleHyperprior(CompressionModel):
         return self.entropy_bottleneck.decompress(strings, shape)
 
     @torch.no_grad()
-    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False,
+                 order: str = "wavefront") -> dict:
         """{"strings": [y streams, z streams], "shape": z size}; optionally the encoder's y_hat.
 
         portable=False computes scales and means with the float layers, as CompressAI does
         (the streams decode where the float arithmetic is the same); portable=True with their
-        exact fixed-point form (decodes on any CPU, thread count or GPU; portable.py)."""
+        exact fixed-point form (decodes on any CPU, thread count or GPU; portable.py).
+        order is accepted for mbt2018's sake: without a context model both are the same bytes."""
+        _check_order(order)
         y = self.g_a(x)
         z_strings, z_hat = self._code_z(y, portable)
         scales, means = self._coding_params(z_hat, portable)
@@ -180,7 +216,8 @@ class ScaleHyperprior(CompressionModel):
         return out
 
     @torch.no_grad()
-    def decompress(self, strings, shape, portable: bool = False) -> dict:
+    def decompress(self, strings, shape, portable: bool = False, order: str = "wavefront") -> dict:
+        _check_order(order)
         self._check_strings(strings, 2, type(self).__name__)
         z_hat = self._decode_z(strings[1], shape, portable)
         scales, means = self._coding_params(z_hat, portable)
@@ -254,7 +291,15 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         return P.run_stack(self.portable_layers("h_s", z_hat.device), z_hat, real_output=False)
 
     @torch.no_grad()
-    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False) -> dict:
+    def compress(self, x: Tensor, return_latents: bool = False, portable: bool = False,
+                 order: str = "wavefront") -> dict:
+        """order="wavefront" (default, fast) or "raster" (CompressAI's stream order: a stream
+        for, or from, a CompressAI deployment; slow like the reference; raster.py)."""
+        _check_order(order)
+        if order == "raster":
+            from .raster import raster_compress
+
+            return raster_compress(self, x, return_latents=return_latents, portable=portable)
         y = self.g_a(x)
         z_strings, z_hat = self._code_z(y, portable)
         params = self._hyper_params(z_hat, portable)
@@ -266,7 +311,13 @@ class JointAutoregressiveHierarchicalPriors(MeanScaleHyperprior):
         return out
 
     @torch.no_grad()
-    def decompress(self, strings, shape, portable: bool = False) -> dict:
+    def decompress(self, strings, shape, portable: bool = False, order: str = "wavefront") -> dict:
+        """order must be the one the streams were made in (see compress)."""
+        _check_order(order)
+        if order == "raster":
+            from .raster import raster_decompress
+
+            return raster_decompress(self, strings, shape, portable=portable)
         self._check_strings(strings, 2, type(self).__name__)
         z_hat = self._decode_z(strings[1], shape, portable)
         params = self._hyper_params(z_hat, portable)

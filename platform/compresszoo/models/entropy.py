@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 
 import numpy as np
 import torch
@@ -70,19 +71,42 @@ def pmfs_to_cdf_table(pmf: Tensor, tail_mass: Tensor, pmf_length: Tensor,
     for i, n in enumerate(lengths):
         row = pmf_to_quantized_cdf(np.append(pmf_np[i, :n], tail_np[i]))
         table[i, : row.size] = row
-    return torch.from_numpy(table).to(pmf.device)
+    # A copy, not torch.from_numpy: a tensor over NumPy memory cannot be resized in place,
+    # and CompressAI's update_registered_buffers(policy="resize") resizes these buffers.
+    return torch.tensor(table, device=pmf.device)
+
+
+def _tensor_to_int32(t: Tensor) -> np.ndarray:
+    """A fresh int32 copy for the coder: never a view sharing the buffer's storage (a
+    shared view makes the buffer unresizable; see pmfs_to_cdf_table)."""
+    # .numpy() marks the storage it views as unresizable: view a copy, not the buffer.
+    return t.detach().to("cpu", torch.int32, copy=True).numpy()
 
 
 class EntropyModel(nn.Module):
-    """Shared parts: likelihood bound, quantization and the CDF buffers."""
+    """Shared parts: likelihood bound, quantization, the CDF buffers and the coding calls.
+
+    compress(inputs, indexes, means)/decompress(strings, indexes, dtype, means) code symbols
+    under explicit table indexes with CompressAI's argument checks (ValueError); subclasses
+    add the convenient forms. The one coder is rANS with 16-bit tables (`entropy_coder`
+    and `entropy_coder_precision` are accepted for CompressAI code and refuse anything else).
+    """
 
     _offset: Tensor
     _quantized_cdf: Tensor
     _cdf_length: Tensor
     _resizable_buffers: tuple[str, ...] = ("_offset", "_quantized_cdf", "_cdf_length")
 
-    def __init__(self, likelihood_bound: float = 1e-9):
+    def __init__(self, likelihood_bound: float = 1e-9, entropy_coder: str | None = None,
+                 entropy_coder_precision: int = CDF_PRECISION):
         super().__init__()
+        if entropy_coder not in (None, "ans"):
+            raise ValueError(f"entropy_coder {entropy_coder!r} is not available; compresszoo has "
+                             "one coder, 'ans' (rANS), the default")
+        if entropy_coder_precision != CDF_PRECISION:
+            raise ValueError(f"entropy_coder_precision must be {CDF_PRECISION} (the rANS coder's "
+                             f"table precision), got {entropy_coder_precision!r}")
+        self.entropy_coder_precision = CDF_PRECISION
         self.use_likelihood_bound = likelihood_bound > 0
         if self.use_likelihood_bound:
             self.likelihood_lower_bound = LowerBound(likelihood_bound)
@@ -131,19 +155,36 @@ class EntropyModel(nn.Module):
         out = symbols.to(means.dtype if means is not None else dtype)
         return out + means if means is not None else out
 
+    def _quantize(self, inputs: Tensor, mode: str, means: Tensor | None = None) -> Tensor:
+        """CompressAI's deprecated name for quantize()."""
+        warnings.warn("_quantize is deprecated; use quantize", UserWarning, stacklevel=2)
+        return self.quantize(inputs, mode, means)
+
+    @classmethod
+    def _dequantize(cls, inputs: Tensor, means: Tensor | None = None) -> Tensor:
+        """CompressAI's deprecated name for dequantize()."""
+        warnings.warn("_dequantize is deprecated; use dequantize", UserWarning, stacklevel=2)
+        return cls.dequantize(inputs, means)
+
     def _bound_likelihood(self, likelihood: Tensor) -> Tensor:
         return self.likelihood_lower_bound(likelihood) if self.use_likelihood_bound else likelihood
 
     def coding_tables(self):
-        """(cdfs, cdf_lengths, offsets) as int32 NumPy arrays for the coder."""
-        if not self.is_updated():
-            raise RuntimeError(
-                f"{type(self).__name__} has no CDF tables: call model.update() after training "
-                "(or load a state dict saved after update()) before compress/decompress"
-            )
-        return (self._quantized_cdf.detach().cpu().numpy().astype(np.int32, copy=False),
-                self._cdf_length.detach().cpu().numpy().astype(np.int32, copy=False).reshape(-1),
-                self._offset.detach().cpu().numpy().astype(np.int32, copy=False).reshape(-1))
+        """(cdfs, cdf_lengths, offsets) as int32 NumPy copies for the coder.
+
+        ValueError (as CompressAI) when the tables were never built or have the wrong rank."""
+        name = type(self).__name__
+        for buf, what, rank in ((self._quantized_cdf, "CDF table", 2),
+                                (self._cdf_length, "CDF lengths", 1), (self._offset, "offsets", 1)):
+            if buf.numel() == 0:
+                raise ValueError(
+                    f"{name} has no {what}: call model.update() after training (or load a "
+                    "state dict saved after update()) before compress/decompress")
+            if buf.dim() != rank:
+                raise ValueError(f"{name}: {what} must be {rank}-D, got size {tuple(buf.shape)}; "
+                                 "rebuild them with update(force=True)")
+        return (_tensor_to_int32(self._quantized_cdf), _tensor_to_int32(self._cdf_length),
+                _tensor_to_int32(self._offset))
 
     def compress_symbols(self, symbols: Tensor, indexes: Tensor) -> list[bytes]:
         """One rANS stream per batch item."""
@@ -151,7 +192,7 @@ class EntropyModel(nn.Module):
 
         cdfs, lengths, offsets = self.coding_tables()
         sym = symbols.detach().cpu().numpy().astype(np.int32, copy=False)
-        idx = indexes.detach().cpu().numpy().astype(np.int32, copy=False)
+        idx = _indexes_to_int32(indexes)
         return [rans.encode(sym[i].reshape(-1), idx[i].reshape(-1), cdfs, lengths, offsets)
                 for i in range(sym.shape[0])]
 
@@ -161,19 +202,57 @@ class EntropyModel(nn.Module):
         if len(strings) != indexes.size(0):
             raise ValueError(f"got {len(strings)} streams for a batch of {indexes.size(0)}")
         cdfs, lengths, offsets = self.coding_tables()
-        idx = indexes.detach().cpu().numpy().astype(np.int32, copy=False)
+        idx = _indexes_to_int32(indexes)
         out = np.empty(idx.shape, dtype=np.int32)
         for i, s in enumerate(strings):
             out[i] = rans.decode(s, idx[i].reshape(-1), cdfs, lengths, offsets).reshape(idx.shape[1:])
         return torch.from_numpy(out).to(indexes.device)
 
+    def compress(self, inputs: Tensor, indexes: Tensor, means: Tensor | None = None) -> list[bytes]:
+        """One rANS stream per batch item: round(inputs - means) coded under CDF row indexes."""
+        symbols = self.quantize(inputs, "symbols", means)
+        if inputs.dim() < 2:
+            raise ValueError(f"inputs: need at least 2 dimensions (batch, channels, ...), got "
+                             f"size {tuple(inputs.shape)}")
+        if inputs.shape != indexes.shape:
+            raise ValueError(f"indexes: size {tuple(indexes.shape)} does not match inputs "
+                             f"{tuple(inputs.shape)}; one table index per value")
+        return self.compress_symbols(symbols, indexes)
+
+    def decompress(self, strings: list[bytes], indexes: Tensor, dtype: torch.dtype = torch.float32,
+                   means: Tensor | None = None) -> Tensor:
+        """The inverse of compress(): one stream per row of indexes."""
+        if not isinstance(strings, (list, tuple)):
+            raise ValueError(f"strings: expected a list of bytes (one per batch item), got "
+                             f"{type(strings).__name__}")
+        if len(strings) != indexes.size(0):
+            raise ValueError(f"got {len(strings)} streams for a batch of {indexes.size(0)}")
+        if indexes.dim() < 2:
+            raise ValueError(f"indexes: need at least 2 dimensions (batch, channels, ...), got "
+                             f"size {tuple(indexes.shape)}")
+        self.coding_tables()  # the tables' ValueError before the means' checks
+        if means is not None and (means.shape[:2] != indexes.shape[:2] or any(
+                m not in (1, i) for m, i in zip(means.shape[2:], indexes.shape[2:]))
+                or means.dim() != indexes.dim()):
+            raise ValueError(f"means: size {tuple(means.shape)} does not fit indexes "
+                             f"{tuple(indexes.shape)} (same batch and channels; each other "
+                             "dimension equal or 1)")
+        return self.dequantize(self.decompress_symbols(strings, indexes), means, dtype)
+
+
+def _indexes_to_int32(indexes: Tensor) -> np.ndarray:
+    if indexes.is_floating_point():
+        raise ValueError(f"indexes: expected an integer tensor of CDF rows, got {indexes.dtype}; "
+                         "build them with build_indexes()")
+    return indexes.detach().cpu().numpy().astype(np.int32, copy=False)
+
 
 class EntropyBottleneck(EntropyModel):
     """Fully factorized prior: one learned monotone CDF per channel (Balle et al. 2018)."""
 
-    def __init__(self, channels: int, *, tail_mass: float = 1e-9, init_scale: float = 10.0,
-                 filters: tuple[int, ...] = (3, 3, 3, 3), likelihood_bound: float = 1e-9):
-        super().__init__(likelihood_bound)
+    def __init__(self, channels: int, *args, tail_mass: float = 1e-9, init_scale: float = 10.0,
+                 filters: tuple[int, ...] = (3, 3, 3, 3), **kwargs):
+        super().__init__(*args, **kwargs)
         self.channels = int(channels)
         self.filters = tuple(int(f) for f in filters)
         self.init_scale = float(init_scale)
@@ -203,6 +282,10 @@ class EntropyBottleneck(EntropyModel):
 
     def medians(self) -> Tensor:
         return self.quantiles[:, :, 1:2]
+
+    def _get_medians(self) -> Tensor:
+        """CompressAI's name for medians()."""
+        return self.medians()
 
     def _logits_cumulative(self, inputs: Tensor, stop_gradient: bool) -> Tensor:
         logits = inputs
@@ -248,10 +331,14 @@ class EntropyBottleneck(EntropyModel):
         return outputs, likelihood
 
     @torch.no_grad()
-    def update(self, force: bool = False) -> bool:
-        """Build the quantized CDF tables from the learned density (after training)."""
+    def update(self, force: bool = False, update_quantiles: bool = False) -> bool:
+        """Build the quantized CDF tables from the learned density (after training).
+
+        update_quantiles=True first sets the quantiles by bisection (_update_quantiles)."""
         if self.is_updated() and not force:
             return False
+        if update_quantiles:
+            self._update_quantiles()
         medians = self.quantiles[:, 0, 1]
         minima = torch.clamp(torch.ceil(medians - self.quantiles[:, 0, 0]).int(), min=0)
         maxima = torch.clamp(torch.ceil(self.quantiles[:, 0, 2] - medians).int(), min=0)
@@ -267,6 +354,24 @@ class EntropyBottleneck(EntropyModel):
         self._cdf_length = pmf_length + 2
         return True
 
+    @torch.no_grad()
+    def _update_quantiles(self, search_radius: float = 1e5, rtol: float = 1e-4,
+                          atol: float = 1e-3) -> None:
+        """Solve logits_cumulative(q) = target for the three quantiles by bisection.
+
+        The density network's cumulative logits increase with their input, so bisection
+        finds, per channel, what the aux loss only approaches: exact to rtol/atol."""
+        shape = (self.channels, 1, 1)
+        dev = self.quantiles.device
+        for i, target in enumerate(self.target):
+            low = torch.full(shape, -search_radius, device=dev)
+            high = torch.full(shape, search_radius, device=dev)
+            while not torch.isclose(low, high, rtol=rtol, atol=atol).all():
+                mid = (low + high) / 2
+                below = self._logits_cumulative(mid, stop_gradient=True) <= target
+                low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+            self.quantiles[:, :, i] = ((low + high) / 2)[:, :, 0]
+
     def build_indexes(self, size: torch.Size) -> Tensor:
         """Channel c of every position uses table c."""
         view = [1] * len(size)
@@ -278,8 +383,7 @@ class EntropyBottleneck(EntropyModel):
 
     def compress(self, x: Tensor) -> list[bytes]:
         means = self._medians_like(x.size(0), x.dim() - 2)
-        symbols = self.quantize(x, "symbols", means)
-        return self.compress_symbols(symbols, self.build_indexes(x.size()))
+        return super().compress(x, self.build_indexes(x.size()), means)
 
     def decompress(self, strings: list[bytes], size) -> Tensor:
         full = (len(strings), self._quantized_cdf.size(0), *size)
@@ -303,10 +407,14 @@ class GaussianConditional(EntropyModel):
     scale_bound: Tensor
     _resizable_buffers = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 
-    def __init__(self, scale_table=None, *, scale_bound: float = 0.11,
-                 tail_mass: float = 1e-9, likelihood_bound: float = 1e-9):
-        super().__init__(likelihood_bound)
+    def __init__(self, scale_table=None, *args, scale_bound: float = 0.11,
+                 tail_mass: float = 1e-9, **kwargs):
+        super().__init__(*args, **kwargs)
         if scale_table is not None:
+            if not isinstance(scale_table, (list, tuple)):
+                # As CompressAI: a tensor here is refused (update_scale_table takes tensors).
+                raise ValueError(f"scale_table must be None, a list or a tuple of scales, got "
+                                 f"{type(scale_table).__name__}")
             table = [float(s) for s in scale_table]
             if not table or table != sorted(table) or any(s <= 0 for s in table):
                 raise ValueError("scale_table must be a non-empty increasing list of positive scales")
@@ -365,13 +473,6 @@ class GaussianConditional(EntropyModel):
     def build_indexes(self, scales: Tensor) -> Tensor:
         """Index of the smallest table scale >= the predicted scale (after the bound)."""
         if self.scale_table.numel() == 0:
-            raise RuntimeError("GaussianConditional has no scale table: call model.update() first")
+            raise ValueError("GaussianConditional has no scale table: call model.update() first")
         scales = self.lower_bound_scale(scales)
         return torch.bucketize(scales, self.scale_table[:-1].to(scales.dtype)).int()
-
-    def compress(self, inputs: Tensor, indexes: Tensor, means: Tensor | None = None) -> list[bytes]:
-        return self.compress_symbols(self.quantize(inputs, "symbols", means), indexes)
-
-    def decompress(self, strings: list[bytes], indexes: Tensor, dtype=torch.float32,
-                   means: Tensor | None = None) -> Tensor:
-        return self.dequantize(self.decompress_symbols(strings, indexes), means, dtype)

@@ -1,9 +1,10 @@
 """Building blocks of the zoo: bounds, GDN, masked convolution, conv helpers.
 
-Parameter and buffer names follow CompressAI so state dicts load both ways.
+Parameter and buffer names follow CompressAI so state dicts load both ways. Every module
+here compiles with torch.jit.script (deployed CompressAI code scripts its transforms), so
+this file has no `from __future__ import annotations`: TorchScript reads the class-level
+Tensor annotations as real types, not strings.
 """
-
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,16 @@ class LowerBound(nn.Module):
         super().__init__()
         self.register_buffer("bound", torch.tensor([float(bound)]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    @torch.jit.unused
+    def _with_gradient(self, x: Tensor) -> Tensor:
         return _LowerBoundFn.apply(x, self.bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # TorchScript cannot call an autograd.Function: scripted modules are for inference,
+        # where the value max(x, bound) is all that matters.
+        if torch.jit.is_scripting():
+            return torch.max(x, self.bound)
+        return self._with_gradient(x)
 
 
 class NonNegativeParametrizer(nn.Module):

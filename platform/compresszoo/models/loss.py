@@ -77,13 +77,20 @@ def bpp_of(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
 
 
 class RateDistortionLoss(nn.Module):
-    """lambda * 255^2 * MSE + bpp (metric="mse") or lambda * (1 - MS-SSIM) + bpp."""
+    """lambda * 255^2 * MSE + bpp (metric="mse") or lambda * (1 - MS-SSIM) + bpp.
 
-    def __init__(self, lmbda: float, metric: str = "mse"):
+    The defaults and return_type follow CompressAI: "all" gives the dict of terms, a term's
+    name ("loss", "bpp_loss", "mse_loss", "ms_ssim_loss") gives that tensor alone."""
+
+    def __init__(self, lmbda: float = 1e-2, metric: str = "mse", return_type: str = "all"):
         super().__init__()
         if metric not in ("mse", "ms-ssim"):
             raise ValueError(f"unknown metric {metric!r}; valid: mse, ms-ssim")
-        self.lmbda, self.metric = float(lmbda), metric
+        terms = ("all", "loss", "bpp_loss", "mse_loss")
+        terms += ("ms_ssim_loss",) if metric == "ms-ssim" else ()
+        if return_type not in terms:
+            raise ValueError(f"return_type {return_type!r} is not one of {', '.join(terms)}")
+        self.lmbda, self.metric, self.return_type = float(lmbda), metric, return_type
 
     def forward(self, output: dict, target: Tensor) -> dict:
         n, _, h, w = target.shape
@@ -95,4 +102,4 @@ class RateDistortionLoss(nn.Module):
             out["ms_ssim_loss"] = ms_ssim(output["x_hat"], target, data_range=1.0)
             distortion = 1 - out["ms_ssim_loss"]
         out["loss"] = self.lmbda * distortion + out["bpp_loss"]
-        return out
+        return out if self.return_type == "all" else out[self.return_type]

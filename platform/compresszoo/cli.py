@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="describe a .czoo file (no model needed)")
     info.add_argument("input")
     info.set_defaults(fn=cmd_info)
+    from .importer import add_import_parser  # torch, MLflow: only once the parser is built
+
+    add_import_parser(sub)
     args = ap.parse_args(argv)
     prefix = f"compresszoo {args.command}"
     try:

@@ -1,7 +1,7 @@
 """The .czoo file: a versioned, checksummed container for compressed images.
 
 Format 2 (written today), binary, ~20 bytes over the payload for one image:
-    b"CZ" | version 2 (u8) | flags (u8: 1 portable, 2 batched, 4 channels present)
+    b"CZ" | version 2 (u8) | flags (u8: 1 portable, 2 batched, 4 channels present, 8 raster)
     | model (u8: bits 0-2 quality - 1, bit 3 metric, bits 4-5 architecture)
     | [N, M as varints, only where they differ from the zoo table]
     | weights fingerprint (4 bytes: the first 8 hex digits of the weights id)
@@ -9,7 +9,11 @@ Format 2 (written today), binary, ~20 bytes over the payload for one image:
     | every stream's length as a varint except the last one, which the file size implies
     | payload (the rANS streams, image-major) | CRC-32 of everything before it (u32 LE)
 The latent shape follows from the image size and the architecture. "portable" says the
-entropy parameters were computed on the exact fixed-point path (models/portable.py).
+entropy parameters were computed on the exact fixed-point path (models/portable.py); "raster"
+that mbt2018's y streams are in CompressAI's raster order (models/raster.py) rather than the
+default wavefront order. Files without the bit (all files before it existed) are wavefront;
+the bit is refused on the other architectures: without a context model both orders are the
+same streams, and their files record the default.
 
 Format 1 (read only, written by earlier versions): MAGIC b"CZOO" | version 1 (u8) | header
 length (u32 LE) | header (UTF-8 JSON) | payload | CRC-32; always the float path.
@@ -45,7 +49,10 @@ _MAX_STREAMS = 2  # streams per image: y (factorized), y and z (hyperpriors)
 # Format 2 codes: fixed forever (a new architecture takes the next free code).
 ARCH_CODES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018")
 METRIC_CODES = ("mse", "ms-ssim")
-FLAG_PORTABLE, FLAG_BATCHED, FLAG_CHANNELS = 1, 2, 4
+FLAG_PORTABLE, FLAG_BATCHED, FLAG_CHANNELS, FLAG_RASTER = 1, 2, 4, 8
+#: mbt2018's coding orders as the file names them: the default wavefront, or CompressAI's raster
+ORDERS = ("wavefront", "raster")
+ORDERED_ARCHITECTURES = ("mbt2018",)  # the architectures with a context model
 FINGERPRINT_HEX = 8
 _MAX_VARINT_BYTES = 5  # 35 bits: any length or side a limit lets through
 
@@ -73,6 +80,7 @@ class Header:
     stream_lengths: list  # [image][stream] byte lengths
     version: int = VERSION
     portable: bool = True  # entropy parameters from the exact path (format 1: always False)
+    order: str = "wavefront"  # mbt2018's y stream order (format 1: always wavefront)
 
     @property
     def num_images(self) -> int:
@@ -83,7 +91,7 @@ class Header:
                 f"weights {self.weights_id})")
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(Header) if f.name not in ("version", "portable"))  # format 1
+_FIELD_NAMES = tuple(f.name for f in fields(Header) if f.name not in ("version", "portable", "order"))  # format 1
 
 
 def show(value, limit: int = 40) -> str:
@@ -118,8 +126,9 @@ def pack(header: Header, streams: list[list[bytes]]) -> bytes:
         raise ValueError("stream lengths in the header do not match the streams")
     if header.version == 2:
         return _pack2(header, streams)
-    if header.version != 1 or header.portable:
-        raise ValueError(f"cannot write format {header.version} with portable={header.portable}")
+    if header.version != 1 or header.portable or header.order != "wavefront":
+        raise ValueError(f"cannot write format {header.version} with portable={header.portable}, "
+                         f"order={header.order}")
     _check_fields({k: getattr(header, k) for k in _FIELD_NAMES})  # never write what read_header refuses
     head = json.dumps({k: getattr(header, k) for k in _FIELD_NAMES}, separators=(",", ":"), sort_keys=True).encode()
     body = _PREFIX.pack(MAGIC, 1, len(head)) + head + b"".join(b"".join(img) for img in streams)
@@ -147,6 +156,15 @@ def latent_shape(architecture: str, height: int, width: int) -> list[int]:
     """What model.decompress takes for an image of height x width (padded to PAD_MULTIPLE)."""
     ds = _downsampling(architecture)
     return [-(-n // PAD_MULTIPLE) * PAD_MULTIPLE // ds for n in (height, width)]
+
+
+def file_order(architecture: str, order: str) -> str:
+    """The order a file of `architecture` records for streams coded in `order`: the order
+    itself for mbt2018; for the others both orders are the same bytes, recorded as the
+    default, so one content has one file."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown coding order {order!r}; valid: {', '.join(ORDERS)}")
+    return order if architecture in ORDERED_ARCHITECTURES else "wavefront"
 
 
 def _varint(n: int) -> bytes:
@@ -181,8 +199,11 @@ def _pack2(h: Header, streams: list[list[bytes]]) -> bytes:
         raise ValueError(f"{h.architecture} writes {streams_per_image(h.architecture)} stream(s) per image")
     if list(h.latent_shape) != latent_shape(h.architecture, h.height, h.width):
         raise ValueError(f"latent shape {h.latent_shape} does not follow from a {h.height}x{h.width} image")
+    if h.order != file_order(h.architecture, h.order):
+        raise ValueError(f"a {h.architecture} file records order 'wavefront' (it has no context model)")
     channels = (h.N, h.M) != _zoo(h.architecture, h.quality)
     flags = (FLAG_PORTABLE if h.portable else 0) | (FLAG_BATCHED if h.batched else 0) | (FLAG_CHANNELS if channels else 0)
+    flags |= FLAG_RASTER if h.order == "raster" else 0
     model = (h.quality - 1) | (METRIC_CODES.index(h.metric) << 3) | (ARCH_CODES.index(h.architecture) << 4)
     head = bytearray(MAGIC2 + bytes([2, flags, model]))
     if channels:
@@ -203,9 +224,13 @@ def _parse2(data: bytes, verify: bool) -> tuple[Header, list[list[bytes]]]:
     if len(data) < 3 + 2 + 4 + 2 + _CRC.size:
         raise ContainerError("truncated file: shorter than the smallest format-2 header")
     flags, model = data[3], data[4]
-    if flags & ~(FLAG_PORTABLE | FLAG_BATCHED | FLAG_CHANNELS) or model & 0xC0:
+    if flags & ~(FLAG_PORTABLE | FLAG_BATCHED | FLAG_CHANNELS | FLAG_RASTER) or model & 0xC0:
         raise ContainerError("corrupted file: reserved header bits are set")
     architecture = ARCH_CODES[(model >> 4) & 3]
+    order = "raster" if flags & FLAG_RASTER else "wavefront"
+    if order == "raster" and architecture not in ORDERED_ARCHITECTURES:
+        raise ContainerError(f"corrupted file: the raster-order bit is set for {architecture}, "
+                             "which has no context model")
     metric = METRIC_CODES[(model >> 3) & 1]
     quality = (model & 7) + 1
     pos = 5
@@ -253,7 +278,7 @@ def _parse2(data: bytes, verify: bool) -> tuple[Header, list[list[bytes]]]:
     grouped = [lengths[i * per_image:(i + 1) * per_image] for i in range(count)]
     header = Header(architecture, metric, quality, n, m, fingerprint, height, width, bool(flags & FLAG_BATCHED),
                     latent_shape(architecture, height, width), grouped, version=2,
-                    portable=bool(flags & FLAG_PORTABLE))
+                    portable=bool(flags & FLAG_PORTABLE), order=order)
     return header, _split_streams(data, pos, grouped)
 
 

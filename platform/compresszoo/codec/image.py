@@ -17,6 +17,7 @@ from .container import (
     ContainerError,
     Header,
     check_pixels,
+    file_order,
     pack,
     streams_per_image,
     unpack,
@@ -50,28 +51,40 @@ def pad(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
 
-def encode_image(model, image: torch.Tensor) -> bytes:
-    """Compress an image (3, H, W) or batch (N, 3, H, W) in [0, 1] to container bytes."""
-    return encode_with_latents(model, image)[0]
+def encode_image(model, image: torch.Tensor, *, order: str = "wavefront") -> bytes:
+    """Compress an image (3, H, W) or batch (N, 3, H, W) in [0, 1] to container bytes.
+
+    order: mbt2018's y stream order, "wavefront" (fast, the default) or "raster"
+    (CompressAI's order, slow like CompressAI); the file records it. The other architectures
+    have no context model: both orders are the same streams, and the file says wavefront."""
+    return encode_with_latents(model, image, order=order)[0]
 
 
-def encode_with_latents(model, image: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+def _order_kw(order: str) -> dict:
+    """The order keyword for compress/decompress, given only when it is not the default, so
+    models (and subclasses) whose methods predate it still code wavefront files."""
+    return {} if order == "wavefront" else {"order": order}
+
+
+def encode_with_latents(model, image: torch.Tensor, *, order: str = "wavefront") -> tuple[bytes, torch.Tensor]:
     """Container bytes plus the encoder-side quantized latents (for exactness checks)."""
+    order = file_order(spec_of(model).architecture, order)
     x, batched = _as_batch(image)
     # One image at a time: an image's bytes must not depend on what it was batched with.
     # The portable path: the entropy parameters are exact, so the file decodes anywhere.
-    parts = [model.compress(pad(x[i:i + 1]), return_latents=True, portable=True) for i in range(x.shape[0])]
+    parts = [model.compress(pad(x[i:i + 1]), return_latents=True, portable=True, **_order_kw(order))
+             for i in range(x.shape[0])]
     out = {"strings": [[s for p in parts for s in p["strings"][j]] for j in range(len(parts[0]["strings"]))],
            "shape": parts[0]["shape"]}
-    return _pack(model, x, batched, out), torch.cat([p["y_hat"] for p in parts])
+    return _pack(model, x, batched, out, order), torch.cat([p["y_hat"] for p in parts])
 
 
-def _pack(model, x: torch.Tensor, batched: bool, out: dict) -> bytes:
+def _pack(model, x: torch.Tensor, batched: bool, out: dict, order: str) -> bytes:
     spec = spec_of(model)
     streams = [[out["strings"][j][i] for j in range(len(out["strings"]))] for i in range(x.shape[0])]
     header = Header(spec.architecture, spec.metric, spec.quality, spec.N, spec.M, weights_id(model),
                     int(x.shape[-2]), int(x.shape[-1]), batched, [int(s) for s in out["shape"]],
-                    [[len(s) for s in img] for img in streams], version=2, portable=True)
+                    [[len(s) for s in img] for img in streams], version=2, portable=True, order=order)
     return pack(header, streams)
 
 
@@ -102,7 +115,8 @@ def decode_streams(data: bytes, model) -> tuple[Header, dict]:
                              f"{header.architecture} writes {want}")
     strings = [[img[j] for img in streams] for j in range(want)]
     try:
-        out = model.decompress(strings, torch.Size(header.latent_shape), portable=header.portable)
+        out = model.decompress(strings, torch.Size(header.latent_shape), portable=header.portable,
+                               **_order_kw(header.order))
     except ValueError as e:
         raise ContainerError(f"corrupted file: the streams do not decode ({e})") from None
     return header, out

@@ -13,7 +13,9 @@ machine, wall time is not), for the pipeline's own processes and with Ray's daem
 crops/s and the load average; peak memory (PSS, so shared pages count once) of all processes
 and of the pipeline's own; shard size and bytes per frame. Ours runs on QOI shards (the
 default) and on PNG shards with both PNG decoders (libspng via imagecodecs, and Pillow, the
-reference's decoder). The frames are 448x256
+reference's decoder), and the world-size-independent reader of elastic training
+(GlobalBatchStream: global order from data/order.py, --only ours_qoi ours_global prints its
+ratio to today's reader, target >= 0.90x). The frames are 448x256
 photographs from the miniature generator, repeated to reach each size.
 """
 
@@ -192,6 +194,69 @@ def run_ours(dst: str, *, workers: int, crop: int, batch: int) -> dict:
     return {**result, "decoder": png_decoder()}
 
 
+def run_global(dst: str, *, workers: int, crop: int, batch: int) -> dict:
+    """The world-size-independent reader (GlobalBatchStream, data/order.py) as training uses it:
+    one rank, the global batch, a 256-frame window; one epoch's worth of steps."""
+    import itertools
+
+    import ray
+    import torch
+
+    from compresszoo.data import Manifest
+    from compresszoo.data.reader import GlobalBatchStream
+
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    steps = -(-Manifest.load(dst).frames("train") // batch)
+
+    def stream():
+        return GlobalBatchStream(dst, batch_size=batch, crop=crop, window=256, task_cpus=1.0).batches()
+
+    warm_up(stream())
+    result = timed(itertools.islice(stream(), steps))  # a fresh stream: one epoch of steps
+    ray.shutdown()
+    return result
+
+
+def order_quality(groups: int = 11308, rows: int = 40, batch: int = 16, buffer: int = 256) -> None:
+    """Shuffle quality, pure arithmetic on a Vimeo90K-sized manifest (452,320 training frames in
+    row groups of 40): the global order (data/order.py) at three windows against the earlier
+    reader's order (fragments permuted, then a `buffer`-row shuffle buffer drawing `batch` rows
+    at random, as Ray Data's local shuffle does) and a uniform permutation. Clips: the
+    sharder stores frames in a seeded random order, so a row group mixes clips."""
+    import numpy as np
+
+    from compresszoo.data.order import GlobalOrder
+
+    n = groups * rows
+    rng = np.random.default_rng(0)
+    clip = rng.permutation(n) // 7  # clip of the frame stored at each position
+
+    def buffered() -> np.ndarray:
+        stream = (rng.permutation(groups)[:, None] * rows + np.arange(rows)).ravel()
+        held, out = [], []
+        for x in stream:
+            held.append(x)
+            if len(held) >= buffer + batch:
+                for i in sorted(rng.choice(len(held), batch, replace=False), reverse=True):
+                    out.append(held.pop(i))
+        return np.array(out + list(rng.permutation(held)))
+
+    orders = {"uniform permutation": rng.permutation(n), f"earlier reader ({buffer}-row shuffle buffer)": buffered()}
+    for window in (256, 512, 1024):
+        orders[f"global order, shuffle_buffer={window}"] = GlobalOrder(
+            [rows] * groups, batch_size=batch, seed=0, window=window).epoch(0)[0]
+    print(f"\n| order | same-clip frames per batch of {batch} | adjacent crops from one row group "
+          f"| repeated row groups per batch of {batch} |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, seq in orders.items():
+        group = seq // rows
+        batches = seq[: len(seq) // batch * batch].reshape(-1, batch)
+        same_clip = np.mean([batch - len(set(clip[b])) for b in batches])
+        repeated = np.mean([batch - len(set(b // rows)) for b in batches])
+        print(f"| {label} | {same_clip:.4f} | {np.mean(group[1:] == group[:-1]):.3f} | {repeated:.2f} |")
+
+
 def measure(kind: str, path: str, args, decoder: str = "auto") -> dict:
     """Run one pipeline in a fresh process (its own process tree, nothing shared) and return its numbers."""
     env = {**os.environ, "COMPRESSZOO_PNG_DECODER": decoder}
@@ -205,6 +270,7 @@ def measure(kind: str, path: str, args, decoder: str = "auto") -> dict:
 
 PIPELINES = {  # key: (kind, PNG decoder, shard codec, label)
     "ours_qoi": ("ours", "auto", "qoi", "QOI shards + Ray Data (default)"),
+    "ours_global": ("global", "auto", "qoi", "QOI shards + Ray Data, global order (elastic reader)"),
     "ours_spng": ("ours", "spng", "png", "PNG shards + Ray Data, libspng decode"),
     "ours_pillow": ("ours", "pillow", "png", "PNG shards + Ray Data, Pillow decode"),
     "reference": ("reference", "auto", None, "reference: ImageFolder + RandomCrop + DataLoader"),
@@ -222,11 +288,16 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(PIPELINES), default=list(PIPELINES),
                    help="pipelines to run (the reference is always run: ratios need it)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--_run", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--order-quality", action="store_true",
+                   help="print the shuffle quality of the global order against the earlier reader's, and stop")
+    p.add_argument("--_run", choices=["ours", "global", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--_path", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.order_quality:
+        order_quality()
+        return
     if args._run:
-        run = run_ours if args._run == "ours" else run_reference
+        run = {"ours": run_ours, "global": run_global, "reference": run_reference}[args._run]
         print(json.dumps(run(args._path, workers=args.workers, crop=args.crop, batch=args.batch)))
         return
 
@@ -300,6 +371,15 @@ def report(rows, args) -> None:
             work = (r["crops"] / r["work"]) / (ref["crops"] / ref["work"])
             total = (r["crops"] / (r["work"] + r["daemons"])) / (ref["crops"] / (ref["work"] + ref["daemons"]))
             print(f"| {frames} | {PIPELINES[key][3]} | {work:.2f}x | {total:.2f}x | >= 1.5x |")
+    if all("ours_global" in r and "ours_qoi" in r for _, _, r in rows):
+        print("\n| frames | global order (elastic) vs fragment order + shuffle buffer, crops per CPU-s (work) "
+              "| (incl. Ray daemons) | target |")
+        print("| ---: | ---: | ---: | ---: |")
+        for frames, _, r in rows:
+            new, old = r["ours_global"], r["ours_qoi"]
+            work = (new["crops"] / new["work"]) / (old["crops"] / old["work"])
+            total = (new["crops"] / (new["work"] + new["daemons"])) / (old["crops"] / (old["work"] + old["daemons"]))
+            print(f"| {frames} | {work:.2f}x | {total:.2f}x | >= 0.90x |")
     if len(rows) >= 2:
         (small, _, a), (big, _, b) = rows[0], rows[-1]
         print(f"\nSteady state, marginal cost between {small} and {big} frames (the per-epoch start cancels out):\n")

@@ -17,10 +17,11 @@ from compresszoo.config import TrainConfig, paper, smoke
 OLD_SKIP = {"workers", "use_gpu", "cpus_per_worker", "data_cpus", "max_failures", "storage",
             "tracking_uri", "experiment", "git_commit", "preset", "gate_max_gap",
             "gate_min_side", "gate_images", "compile", "log_every", "checkpoint_every"}
+NEW_SETTINGS = {"max_workers", "resize_check_s"}  # settings added since: the hash ignores them
 
 
 def old_config_hash(cfg: TrainConfig) -> str:
-    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in OLD_SKIP}
+    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in OLD_SKIP | NEW_SETTINGS}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -43,7 +44,7 @@ def test_identity_hash_and_run_name_match_the_old_skip_set(recipe):
 
 def test_identity_is_declared_per_field_and_defaults_to_part_of_it():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert names - set(TrainConfig.identity_fields()) == OLD_SKIP
+    assert names - set(TrainConfig.identity_fields()) == OLD_SKIP | NEW_SETTINGS
 
     @dataclasses.dataclass(frozen=True)
     class Extended(TrainConfig):

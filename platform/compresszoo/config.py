@@ -49,6 +49,7 @@ class TrainConfig:
     # test-split center crops per validation; 0: the whole split, the plateau signal the docs
     # use (examples/train.py steps its scheduler on the loss over the whole test set)
     val_images: int = 0
+    # frames fully permuted together, from whole row groups in a per-epoch order (data/order.py)
     shuffle_buffer: int = 256
     # schedule. batch_size is GLOBAL: each of `workers` workers takes batch_size // workers,
     # so the documented schedule (batch 16, lr 1e-4) holds for any number of workers.
@@ -74,8 +75,13 @@ class TrainConfig:
     # _setting(...) marks a field outside the run's identity (see _setting)
     checkpoint_every: int = _setting(5_000)
     log_every: int = _setting(100)
-    # resources
+    # resources. An elastic run gives a range, `--set workers=1..4` (= workers=1, max_workers=4):
+    # Ray Train starts with as many as fit, shrinks when a node goes, grows when capacity comes
+    # back, every resize resuming from the last checkpoint on the same global batches
+    # (data/order.py). max_workers=0: exactly `workers`. The count never changes the run.
     workers: int = _setting(1)
+    max_workers: int = _setting(0)
+    resize_check_s: float = _setting(60.0)  # how often a healthy elastic run looks for more capacity
     use_gpu: bool = _setting(False)
     cpus_per_worker: float = _setting(1.0)
     data_cpus: float = _setting(1.0)  # CPUs per Ray Data read task
@@ -96,6 +102,10 @@ class TrainConfig:
     preset: str = _setting("")
 
     # -- derived --------------------------------------------------------------------
+    def worker_range(self) -> int | tuple[int, int]:
+        """ScalingConfig's num_workers: the fixed count, or (min, max) for an elastic run."""
+        return (self.workers, self.max_workers) if self.max_workers > self.workers else self.workers
+
     def spec(self) -> ModelSpec:
         return model_spec(self.architecture, self.quality, self.metric, N=self.N or None,
                           M=self.M or None, lmbda=self.lmbda or None, debug=self.debug_model)
@@ -105,7 +115,15 @@ class TrainConfig:
         spec = self.spec()
         cfg = dataclasses.replace(self, N=spec.N, M=spec.M, lmbda=spec.lmbda,
                                   tracking_uri=resolve_tracking_uri(self.tracking_uri))
-        if cfg.batch_size % cfg.workers:
+        if cfg.max_workers and cfg.max_workers < cfg.workers:
+            raise ValueError(f"max_workers={cfg.max_workers} is below workers={cfg.workers}: give the range "
+                             "as workers=MIN..MAX (or max_workers=0 for a fixed count)")
+        if max(cfg.workers, cfg.max_workers) > cfg.batch_size:
+            raise ValueError(f"up to {max(cfg.workers, cfg.max_workers)} workers cannot share the global "
+                             f"batch_size={cfg.batch_size}: each needs at least one crop")
+        if cfg.resize_check_s < 0:
+            raise ValueError(f"resize_check_s must be >= 0, got {cfg.resize_check_s}")
+        if not cfg.max_workers and cfg.batch_size % cfg.workers:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by workers={cfg.workers} "
                              "(batch_size is global: each worker takes batch_size // workers)")
         if not cfg.data:
@@ -175,6 +193,11 @@ class TrainConfig:
         types = {f.name: f.type for f in fields(self)}
         changes = {}
         for key, value in items:
+            if key == "workers" and isinstance(value, str) and ".." in value:
+                low, _, high = value.partition("..")
+                changes["workers"] = _coerce(key, low, "int")
+                changes["max_workers"] = _coerce(key, high, "int")
+                continue
             if key not in types:
                 raise ValueError(f"unknown config field {key!r}; known: {', '.join(sorted(types))}")
             changes[key] = _coerce(key, value, types[key]) if isinstance(value, str) else value

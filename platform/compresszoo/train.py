@@ -1,9 +1,17 @@
 """Distributed training of one zoo model on Ray Train, and the driver around it.
 
 Per worker: train() -> train_step() -> forward_backward(), with a small explicit state
-(step, epoch, data positions, RNG, best validation loss, the lr schedule). The driver (fit)
-pins the warm-start parent, builds the TorchTrainer with a deterministic run name under
-`storage`, so a rerun resumes.
+(step, data position, RNG, best validation loss, the lr schedule, the worker count per step
+range). The driver (fit) pins the warm-start parent, builds the TorchTrainer with a
+deterministic run name under `storage`, so a rerun resumes.
+
+Elastic: with a worker range (workers..max_workers) Ray Train starts with what is available,
+shrinks when a node is lost and grows when capacity returns, each time restarting every
+worker from the last checkpoint. The run is the same whatever the count: the global batches
+come from data/order.py (a function of manifest, seed and step), each rank trains on its
+slots, the entropy models' training noise is keyed by (seed, step, global slot) (SlotNoise),
+and each rank's loss is weighted by its share of the batch, so the averaged gradient is the
+global batch's up to float summation order.
 """
 
 from __future__ import annotations
@@ -16,12 +24,15 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import TrainConfig
+from .data.order import mix, rank_slots
+from .models.entropy import EntropyBottleneck, EntropyModel
 from .models.io import WEIGHTS_FILE
 from .models.loss import RateDistortionLoss, psnr_from_mse
 from .models.registry import build
@@ -38,7 +49,8 @@ class TrainState:
     step: int = 0
     best_val_loss: float = math.inf
     val_loss: float = math.inf
-    data_positions: list = field(default_factory=list)
+    data_positions: list = field(default_factory=list)  # [GlobalBatchStream.position()]
+    workers: list = field(default_factory=list)  # [[first step, worker count], ...] per step range
     rng: list = field(default_factory=list)  # per-rank torch RNG states (as lists of ints)
     py_rng: list = field(default_factory=list)
     schedule: dict = field(default_factory=dict)  # LrSchedule's fields
@@ -107,6 +119,44 @@ class LrSchedule:
                 self.lr = max(self.lr * self.factor, self.min_lr)
                 self.epochs_since_best = 0
         return self.lr
+
+
+class SlotNoise:
+    """The entropy models' training noise, keyed by (seed, global step, global slot, call).
+
+    Uniform(-0.5, 0.5) as before, but each sample's noise comes from its own generator seeded
+    by its slot of the global batch, so a sample gets the same noise on any worker count and
+    after any resume (the noise of a batch-wide draw would depend on the rank's slice).
+    """
+
+    def __init__(self, model: torch.nn.Module, seed: int):
+        self.seed, self.step, self.slots, self.calls = seed, 0, range(0), 0
+        for module in model.modules():
+            if isinstance(module, EntropyModel):
+                module.quantize = self._keyed(module, module.quantize)  # this instance only
+
+    def begin(self, step: int, slots: range) -> None:
+        self.step, self.slots, self.calls = step, slots, 0
+
+    def _keyed(self, module, quantize):
+        batch_inside = isinstance(module, EntropyBottleneck)  # its values are (C, 1, B * H * W)
+
+        def keyed_quantize(inputs, mode, means=None):
+            if mode != "noise":
+                return quantize(inputs, mode, means)
+            self.calls += 1
+            n = len(self.slots)
+            view = inputs.reshape(inputs.shape[0], n, -1) if batch_inside else inputs.reshape(n, -1)
+            per_sample = []
+            for slot in self.slots:
+                g = torch.Generator(device=inputs.device)
+                g.manual_seed(mix(self.seed, 3, self.step, slot, self.calls) >> 1)
+                shape = (view.shape[0], view.shape[2]) if batch_inside else (view.shape[1],)
+                per_sample.append(torch.rand(shape, generator=g, device=inputs.device, dtype=inputs.dtype) - 0.5)
+            noise = torch.stack(per_sample, dim=1 if batch_inside else 0)
+            return inputs + noise.reshape(inputs.shape)
+
+        return keyed_quantize
 
 
 @dataclass(frozen=True)
@@ -196,6 +246,8 @@ class Trainer:
         self.model = build(spec).to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.slots = rank_slots(cfg.batch_size, world, rank)
+        self.noise = SlotNoise(self.model, cfg.seed)
         self.criterion = RateDistortionLoss(spec.lmbda, spec.metric)
         self.optimizer = torch.optim.Adam(self.model.main_parameters(), lr=cfg.lr)
         self.aux_optimizer = torch.optim.Adam(self.model.aux_parameters(), lr=cfg.aux_lr)
@@ -264,37 +316,50 @@ class Trainer:
         cfg = self.cfg
         self.schedule.epoch_steps = steps_per_epoch(stream.manifest.frames("train"), cfg.batch_size)
         net = self._parallel()
+        self.note_world()
         t_last, images_since = time.perf_counter(), 0
-        while self.state.step < cfg.max_steps:
-            for batch in stream.epoch_batches():
-                metrics = self.train_step(net, batch.to(self.device, non_blocking=True))
-                self.state.step += 1
-                images_since += batch.shape[0] * self.world
-                step = self.state.step
-                if step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    metrics["images_per_second"] = images_since / max(now - t_last, 1e-9)
-                    metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-                    t_last, images_since = now, 0
-                    self.logger.log_metrics(metrics, step)
-                if self.schedule.is_epoch_end(step):
-                    self.end_epoch()
-                elif (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
-                    self.validate()
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                    self.checkpoint(stream, ray.train, metrics)
-                _maybe_inject_fault(step, self.rank)
-                if step >= cfg.max_steps:
-                    break
-            else:
-                continue
-            break
+        if self.state.step >= cfg.max_steps:
+            return
+        batch_log = os.environ.get("COMPRESSZOO_BATCH_LOG")  # test hook: every batch's frames
+        for batch in stream.batches(with_meta=bool(batch_log)):
+            if batch_log:
+                batch = _log_batch(batch_log, self.rank, self.world, *batch)
+            if stream.step != self.state.step + 1:  # the stream was built at the checkpoint's step
+                raise RuntimeError(f"data stream at step {stream.step - 1}, training at {self.state.step}")
+            metrics = self.train_step(net, batch.to(self.device, non_blocking=True))
+            self.state.step += 1
+            images_since += self.cfg.batch_size
+            step = self.state.step
+            if step % cfg.log_every == 0:
+                now = time.perf_counter()
+                metrics["images_per_second"] = images_since / max(now - t_last, 1e-9)
+                metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+                t_last, images_since = now, 0
+                self.logger.log_metrics(metrics, step)
+            if self.schedule.is_epoch_end(step):
+                self.end_epoch()
+            elif (cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps:
+                self.validate()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                self.checkpoint(stream, ray.train, metrics)
+            _maybe_inject_fault(step, self.rank)
+            if step >= cfg.max_steps:
+                break
         self.logger.log_metrics({f"data_{k}": v for k, v in stream.stats().items()
                                  if isinstance(v, (int, float))}, self.state.step)
+
+    def note_world(self) -> None:
+        """Record the worker count from this step on (checkpoint and MLflow): a resized run is one run."""
+        history = self.state.workers
+        if not history or history[-1][1] != self.world:
+            history.append([self.state.step, self.world])
+            self.logger.log_metrics({"workers": self.world}, self.state.step)
+            self.logger.set_tags({"compresszoo.workers": ",".join(f"{s}:{w}" for s, w in history)})
 
     def train_step(self, net, x: torch.Tensor) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
+        self.noise.begin(self.state.step, self.slots)
         out = self.forward_backward(net, x)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(
@@ -317,7 +382,10 @@ class Trainer:
         output["x_hat"] = output["x_hat"].float()
         output["likelihoods"] = {k: v.float() for k, v in output["likelihoods"].items()}
         losses = self.criterion(output, x)
-        losses["loss"].backward()
+        # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the
+        # global batch (1 when the slices are equal) makes that the mean over the global batch.
+        share = x.shape[0] * self.world / self.cfg.batch_size
+        (losses["loss"] * share if share != 1 else losses["loss"]).backward()
         return losses
 
     @torch.no_grad()
@@ -362,7 +430,7 @@ class Trainer:
             group["lr"] = lr
 
     def checkpoint(self, stream, train_api, metrics: dict) -> None:
-        self.state.data_positions = _gather(stream.position(), self.world)
+        self.state.data_positions = [stream.position()]  # the same on every rank
         self.state.rng = _gather(torch.get_rng_state().tolist(), self.world)
         self.state.py_rng = _gather(_to_list(random.getstate()), self.world)
         report = {"step": self.state.step, "val_loss": self.state.val_loss, **metrics}
@@ -398,7 +466,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .data.reader import TrainStream
+    from .data.reader import GlobalBatchStream
 
     cfg = TrainConfig.from_dict(config["train"])
     _quiet_ray_data()
@@ -414,10 +482,16 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.load(d)
     elif config.get("parent"):
         trainer.warm_start(Parent(**config["parent"]))
-    positions = trainer.state.data_positions or None
-    stream = TrainStream(cfg.data, rank=rank, world_size=world, batch_size=cfg.batch_size // world,
-                         crop=cfg.crop, seed=cfg.seed, position=positions,
-                         shuffle_buffer=cfg.shuffle_buffer, task_cpus=cfg.data_cpus)
+    stream = GlobalBatchStream(cfg.data, rank=rank, world_size=world, batch_size=cfg.batch_size,
+                               crop=cfg.crop, seed=cfg.seed, window=cfg.shuffle_buffer,
+                               step=trainer.state.step, task_cpus=cfg.data_cpus)
+    saved = trainer.state.data_positions
+    if saved and isinstance(saved[0], dict) and saved[0].get("version") == 1:  # the earlier reader's
+        warnings.warn(f"{cfg.run_name()}: checkpoint of the earlier per-rank reader; training goes on from "
+                      f"step {trainer.state.step} in the global order (the batches before it were "
+                      "drawn in another order)", stacklevel=1)
+    elif saved:
+        stream.check_position(saved[0])
     if rank == 0 and trainer.state.step == 0:
         trainer.logger.log_params(cfg.to_dict())
     trainer.train(stream)
@@ -468,8 +542,9 @@ def fit(cfg: TrainConfig, *, callbacks: list | None = None, storage: str | None 
         train_loop_config={"train": cfg.to_dict(), "mlflow_run_id": run_id,
                            "parent": asdict(parent) if parent else None},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=cfg.worker_range(), use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=cfg.resize_check_s),
         run_config=RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -495,7 +570,8 @@ def _forwarded_env() -> dict:
     """
     keys = ("AWS_ENDPOINT_URL", "COMPRESSZOO_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION",
             "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL",
-            "COMPRESSZOO_PID_DIR", "COMPRESSZOO_FAULT_AT_STEP", "COMPRESSZOO_FAULT_MARKER")
+            "COMPRESSZOO_PID_DIR", "COMPRESSZOO_FAULT_AT_STEP", "COMPRESSZOO_FAULT_MARKER",
+            "COMPRESSZOO_BATCH_LOG", "COMPRESSZOO_STEP_HOLD")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
@@ -514,7 +590,30 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
     at, marker = os.environ.get("COMPRESSZOO_FAULT_AT_STEP"), os.environ.get("COMPRESSZOO_FAULT_MARKER")
     if at and marker and rank == 0 and step == int(at) and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
+        # Ray Train's controller learns of a reported checkpoint when it polls the workers
+        # (every 2 s): die after that, as a node lost mid-run would, not before it.
+        time.sleep(5)
         os.kill(os.getpid(), 9)
+
+
+def _log_batch(folder: str, rank: int, world: int, images: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Test hook: append `step world time key:y:x ...` for this rank's slice to rank<r>.batches,
+    then wait while the file named by COMPRESSZOO_STEP_HOLD holds a step <= this one (a resize
+    test parks the run at a checkpoint while it changes the cluster)."""
+    crops = " ".join(f"{k}:{y}:{x}" for k, (y, x) in zip(meta["keys"], meta["offsets"]))
+    with open(Path(folder, f"rank{rank}.batches"), "a") as f:
+        f.write(f"{meta['step']} {world} {time.time():.3f} {crops}\n")
+    hold = Path(os.environ.get("COMPRESSZOO_STEP_HOLD", "/nonexistent"))
+    while True:
+        try:
+            if meta["step"] < int(hold.read_text()):
+                break
+        except FileNotFoundError:
+            break
+        except ValueError:  # being rewritten
+            pass
+        time.sleep(0.05)
+    return images
 
 
 def _gather(obj, world: int) -> list:

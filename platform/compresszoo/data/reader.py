@@ -1,5 +1,12 @@
 """Stream training crops from the shards of a manifest with Ray Data, one stream per Ray Train worker.
 
+Two streams. GlobalBatchStream (at the end of this file; what train.py uses) yields each
+rank's slots of the global batches of data/order.py: the same global sequence on any worker
+count and from any resume step, so a run can shrink and grow (elastic training). TrainStream,
+described here, is the earlier per-rank stream (fragment order split by rank, a shuffle
+buffer, a fragment-granular cursor), kept as the throughput baseline of
+benchmarks/bench_data.py; its order depends on the world size.
+
 Call inside each training worker (rank r of world_size w):
 
     stream = TrainStream(manifest_uri, rank=r, world_size=w, batch_size=16, crop=256,
@@ -56,6 +63,7 @@ one listing) or when read.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import warnings
 import zlib
@@ -70,12 +78,13 @@ import pyarrow.parquet as pq
 from compresszoo import storage
 from compresszoo.data.images import BadImage, decode_rgb
 from compresszoo.data.manifest import Manifest, ShardError, ShardInfo
+from compresszoo.data.order import MAX_SPARES, GlobalOrder, crop_offset, rank_slots, spare
 from compresszoo.limits import MAX_POSITION_BYTES, LimitError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TrainStream", "validation_batches", "ShardError", "PositionError"]
+__all__ = ["GlobalBatchStream", "TrainStream", "validation_batches", "ShardError", "PositionError"]
 
 POSITION_VERSION = 1
 _MAX_EPOCH = 2**31  # far beyond any run; keeps the epoch a valid seed word
@@ -628,3 +637,216 @@ def validation_batches(
     out = pending.rest()
     if out is not None and budget > 0:
         yield _to_tensor(out["image"][: int(min(budget, len(out["image"])))])
+
+
+# ---- the world-size-independent stream (data/order.py) ------------------------------------
+
+GLOBAL_POSITION_VERSION = 2
+_BLOCK_ROWS = 32  # crops per block a decode task hands over: small blocks, steady backpressure
+
+
+def _decode_slots(batch: dict, *, fragments: list[_Fragment], starts: np.ndarray, crop: int, seed: int,
+                  batch_size: int) -> Iterator[dict]:
+    """Ray Data map: one window's slots of one rank -> blocks of crops in slot order.
+
+    Each row group of the window is read once; a corrupt frame is replaced by its slot's
+    spare (order.spare), read from wherever it lies. Rows carry their global position so the
+    consumer can check that every step gets exactly its slots.
+    """
+    frames_total = int(starts[-1])
+    for pos_bytes, frame_bytes in zip(batch["pos"], batch["frames"]):
+        pos = np.frombuffer(pos_bytes, np.int64)
+        frames = np.frombuffer(frame_bytes, np.int64)
+        groups = np.searchsorted(starts, frames, side="right") - 1
+        tables = {int(g): _rows_of(fragments[int(g)]) for g in np.unique(groups)}
+        for lo in range(0, len(pos), _BLOCK_ROWS):
+            n = min(_BLOCK_ROWS, len(pos) - lo)
+            images = np.zeros((n, 3, crop, crop), np.uint8)
+            keys, offsets, spare_for, bad = [], np.zeros((n, 2), np.int64), [], []
+            for i in range(n):
+                step, slot = divmod(int(pos[lo + i]), batch_size)
+                frame, k, replaced, met = int(frames[lo + i]), 0, "", []
+                while True:
+                    g = int(np.searchsorted(starts, frame, side="right") - 1)
+                    if g not in tables:
+                        tables[g] = _rows_of(fragments[g])
+                    key, data, crc = (col[frame - int(starts[g])] for col in tables[g])
+                    try:
+                        img = _checked_image(data, crc, crop)
+                        break
+                    except BadImage as e:
+                        met.append([key, str(e)])
+                        replaced = replaced or key
+                        k += 1
+                        if k > MAX_SPARES:
+                            raise ShardError(f"slot {slot} of step {step}: {k} frames in a row are unusable "
+                                             f"(last: {key}: {e}); rerun pipelines/prepare_vimeo90k.py") from None
+                        frame = spare(seed, step, slot, k, frames_total)
+                h, w, _ = img.shape
+                y, x = crop_offset(seed, step, slot, h, w, crop)
+                images[i] = img[y : y + crop, x : x + crop].transpose(2, 0, 1)
+                keys.append(key)
+                offsets[i] = (y, x)
+                spare_for.append(replaced)
+                bad.append(json.dumps(met) if met else "")
+            yield {
+                "image": images,
+                "key": np.array(keys, dtype=object),
+                "pos": pos[lo : lo + n].copy(),
+                "offset": offsets,
+                "spare_for": np.array(spare_for, dtype=object),
+                "bad": np.array(bad, dtype=object),  # [[key, reason], ...] as JSON, per slot
+            }
+
+
+def _rows_of(frag: _Fragment) -> tuple[list, list, list]:
+    table = _read_row_group(frag)
+    return (table.column("key").to_pylist(), table.column("image").to_pylist(), table.column("crc32").to_pylist())
+
+
+def _checked_image(data: bytes, crc: int, crop: int) -> np.ndarray:
+    if zlib.crc32(data) != crc:
+        raise BadImage("unreadable", "CRC-32 mismatch: the stored bytes changed after sharding")
+    img = decode_rgb(data)
+    h, w, _ = img.shape
+    if h < crop or w < crop:
+        raise BadImage("unreadable", f"{w}x{h} is smaller than the {crop}x{crop} crop")
+    return img
+
+
+class GlobalBatchStream:
+    """Rank `rank`'s slices of the global batches of order.GlobalOrder, from global step `step` on.
+
+        stream = GlobalBatchStream(uri, rank=r, world_size=w, batch_size=16, crop=256, seed=0,
+                                   window=256, step=saved_step)   # the step a checkpoint holds
+        for images in stream.batches():   # float32 (16 // w, 3, crop, crop), forever
+            ...train global step stream.step - 1...
+
+    `batch_size` is the GLOBAL batch; this rank yields its slots of each (order.rank_slots). The batches, their frames and crops, depend on (manifest, seed, batch_size, window,
+    step) only: any world size, any resume point, the same global sequence (order.py).
+
+    Reading: Ray Data tasks, one per window (>= `window` frames of whole row groups) and rank,
+    each reading the window's row groups once and decoding only this rank's slots; decoded
+    crops waiting in Ray's object store are capped at `buffer_mb` (backpressure), plus
+    `prefetch_batches` blocks in the training process. With w workers every row group is
+    read by each of them (w times the bytes of one reader), each decodes 1/w of it.
+
+    Corrupt rows (CRC, decode, too small) are replaced by the slot's deterministic spare and
+    counted in stats(): no other slot, rank or step changes.
+    """
+
+    def __init__(self, manifest_uri: str, *, rank: int = 0, world_size: int = 1, batch_size: int = 16,
+                 crop: int = 256, seed: int = 0, window: int = 256, step: int = 0, split: str = "train",
+                 task_cpus: float = 1.0, concurrency: int | None = None, prefetch_batches: int = 2,
+                 buffer_mb: float = 128.0):
+        self.slots = rank_slots(batch_size, world_size, rank)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.manifest = Manifest.load(manifest_uri)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.crop, self.seed, self.window, self.step, self.split = crop, seed, window, step, split
+        self.task_cpus, self.concurrency = task_cpus, concurrency
+        self.prefetch_batches, self.buffer_mb = prefetch_batches, buffer_mb
+        self.fragments = _fragments(self.manifest, split)
+        if not self.fragments:
+            raise ValueError(f"{self.manifest.root}: the manifest has no '{split}' frames")
+        self.order = GlobalOrder([f.rows for f in self.fragments], batch_size=batch_size, seed=seed, window=window)
+        check_shards(self.manifest, split)
+        self._stats = {"skipped_rows": 0, "skipped": [], "spares": 0}
+
+    def position(self) -> dict:
+        """What a checkpoint needs to continue exactly: the next global step, and what fixes the order."""
+        return {"version": GLOBAL_POSITION_VERSION, "step": self.step, "seed": self.seed,
+                "frames": self.order.frames, "batch_size": self.batch_size, "window": self.window}
+
+    def check_position(self, saved: dict) -> None:
+        """Raise PositionError if `saved` (a position()) was taken on another order than this stream's."""
+        if not isinstance(saved, dict) or saved.get("version") != GLOBAL_POSITION_VERSION:
+            raise PositionError(f"data position {_short(saved)} is not a version-{GLOBAL_POSITION_VERSION} "
+                                "position() of GlobalBatchStream")
+        mine = self.position()
+        for key in ("seed", "frames", "batch_size", "window"):
+            if saved.get(key) != mine[key]:
+                raise PositionError(f"the saved data position has {key}={_short(saved.get(key))}, this stream "
+                                    f"{mine[key]}: the run's data order changed (same dataset, seed, batch_size "
+                                    "and shuffle_buffer are needed to resume it)")
+
+    def stats(self) -> dict:
+        """Counts since construction: skipped_rows (corrupt frames met; up to 100 named), spares used."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
+
+    def batches(self, *, with_meta: bool = False) -> Iterator:
+        """Yield this rank's slice of global batch self.step, self.step + 1, ... (stop when done).
+
+        with_meta=True yields (images, meta) with meta = {"step", "keys", "offsets" [(y, x)],
+        "spare_for" (the replaced frame's key or "")}.
+        """
+        per = len(self.slots)
+        pending = _Rebatcher(per)
+        epoch = self.order.epoch_of_step(self.step)
+        while True:
+            ds = self._epoch_dataset(epoch, start=self.step * self.batch_size)
+            if ds is not None:
+                blocks = ds.iter_batches(batch_size=None, batch_format="numpy",
+                                         prefetch_batches=self.prefetch_batches)
+                for block in _reraise_shard_errors(blocks):
+                    self._count_bad(block)
+                    pending.add({k: block[k] for k in ("image", "key", "pos", "offset", "spare_for")})
+                    while (out := pending.pop()) is not None:
+                        expected = self.step * self.batch_size + self.slots.start
+                        if int(out["pos"][0]) != expected:  # an internal invariant, never data
+                            raise RuntimeError(f"rank {self.rank}: got position {out['pos'][0]}, "
+                                               f"expected {expected}")
+                        self.step += 1
+                        yield self._out(out, with_meta)
+            epoch += 1
+
+    def _out(self, batch: dict, with_meta: bool):
+        tensor = _to_tensor(batch["image"])
+        if not with_meta:
+            return tensor
+        return tensor, {"step": self.step - 1, "keys": [str(k) for k in batch["key"]],
+                        "offsets": [tuple(int(v) for v in o) for o in batch["offset"]],
+                        "spare_for": [str(k) for k in batch["spare_for"]]}
+
+    def _count_bad(self, block: dict) -> None:
+        for met in block["bad"]:
+            if met:
+                pairs = json.loads(met)
+                self._stats["spares"] += 1
+                self._stats["skipped_rows"] += len(pairs)
+                room = max(_MAX_NAMED_SKIPS - len(self._stats["skipped"]), 0)
+                self._stats["skipped"].extend(pairs[:room])
+
+    def _epoch_dataset(self, epoch: int, *, start: int):
+        """The Ray dataset of this rank's slots of `epoch` at global positions >= start (None if none)."""
+        n = self.order.frames
+        sequence, bounds = self.order.epoch(epoch)
+        first = max(start - epoch * n, 0)
+        offsets = np.arange(first, n, dtype=np.int64)
+        pos = epoch * n + offsets
+        slot = pos % self.batch_size
+        mine = (slot >= self.slots.start) & (slot < self.slots.stop)
+        pos, offsets = pos[mine], offsets[mine]
+        cuts = np.searchsorted(offsets, bounds[1:-1])
+        items = [{"pos": p.tobytes(), "frames": sequence[o].tobytes()}
+                 for p, o in zip(np.split(pos, cuts), np.split(offsets, cuts)) if len(p)]
+        if not items:
+            return None
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():
+            ray.init()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), _MAX_BLOCKS)))
+        ds = ds.map_batches(
+            _decode_slots, batch_size=1,
+            fn_kwargs={"fragments": self.fragments, "starts": self.order.starts, "crop": self.crop,
+                       "seed": self.seed, "batch_size": self.batch_size},
+            num_cpus=self.task_cpus, concurrency=self.concurrency,
+        )
+        ds.context.execution_options.preserve_order = True  # slot order is the batch order
+        ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=self.buffer_mb * 2**20)
+        ds.context.enable_progress_bars = False
+        return ds

@@ -118,3 +118,21 @@ def test_set_values_take_the_type_of_their_field(pair, field, value):
 def test_bad_set_values_name_the_field_and_the_expected_type(pair, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         smoke().with_overrides([pair])
+
+
+def test_config_errors_are_one_library_type_naming_the_field():
+    from compresszoo.config import ConfigError
+
+    base = TrainConfig(data="somewhere")
+    cases = [
+        (lambda: base.with_overrides(["no_such_field=1"]), "no_such_field"),
+        (lambda: base.with_overrides(["max_steps=ten"]), "max_steps"),
+        (lambda: base.with_overrides(["bf16=maybe"]), "bf16"),
+        (lambda: base.with_overrides({"max_steps": 0}).resolved(), "max_steps"),
+        (lambda: base.with_overrides({"plateau_factor": 1.5}).resolved(), "plateau_factor"),
+        (lambda: TrainConfig().resolved(), "data"),
+    ]
+    for make, field_name in cases:
+        with pytest.raises(ConfigError, match=field_name):
+            make()
+    assert issubclass(ConfigError, ValueError)  # callers catching ValueError keep working

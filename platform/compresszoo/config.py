@@ -21,6 +21,11 @@ from .tracking import resolve_tracking_uri
 MSE_PARENT = "mse-champion"
 
 
+class ConfigError(ValueError):
+    """A config that cannot run as given (an unknown field, a value of the wrong type or out of
+    range, settings that contradict each other); the message names the field and the fix."""
+
+
 def _setting(default):
     """A field that says where or how a run executes, not what it learns.
 
@@ -116,29 +121,29 @@ class TrainConfig:
         cfg = dataclasses.replace(self, N=spec.N, M=spec.M, lmbda=spec.lmbda,
                                   tracking_uri=resolve_tracking_uri(self.tracking_uri))
         if cfg.max_workers and cfg.max_workers < cfg.workers:
-            raise ValueError(f"max_workers={cfg.max_workers} is below workers={cfg.workers}: give the range "
+            raise ConfigError(f"max_workers={cfg.max_workers} is below workers={cfg.workers}: give the range "
                              "as workers=MIN..MAX (or max_workers=0 for a fixed count)")
         if max(cfg.workers, cfg.max_workers) > cfg.batch_size:
-            raise ValueError(f"up to {max(cfg.workers, cfg.max_workers)} workers cannot share the global "
+            raise ConfigError(f"up to {max(cfg.workers, cfg.max_workers)} workers cannot share the global "
                              f"batch_size={cfg.batch_size}: each needs at least one crop")
         if cfg.resize_check_s < 0:
-            raise ValueError(f"resize_check_s must be >= 0, got {cfg.resize_check_s}")
+            raise ConfigError(f"resize_check_s must be >= 0, got {cfg.resize_check_s}")
         if not cfg.max_workers and cfg.batch_size % cfg.workers:
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by workers={cfg.workers} "
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by workers={cfg.workers} "
                              "(batch_size is global: each worker takes batch_size // workers)")
         if not cfg.data:
-            raise ValueError("data is empty: give --data URI, a folder holding _manifest.json "
+            raise ConfigError("data is empty: give --data URI, a folder holding _manifest.json "
                              "(make one with pipelines/prepare_vimeo90k.py)")
         for name in ("max_steps", "checkpoint_every", "batch_size", "workers", "crop"):
             if getattr(cfg, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
         for name in ("val_every", "val_images", "constant_lr_steps", "plateau_patience", "min_lr"):
             if getattr(cfg, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
         if not 0 < cfg.plateau_factor < 1:
-            raise ValueError(f"plateau_factor must be in (0, 1), got {cfg.plateau_factor} (the docs halve: 0.5)")
+            raise ConfigError(f"plateau_factor must be in (0, 1), got {cfg.plateau_factor} (the docs halve: 0.5)")
         if cfg.init_from == MSE_PARENT and cfg.metric == "mse":
-            raise ValueError(f"init_from={MSE_PARENT!r} needs metric=ms-ssim (an MSE model would start "
+            raise ConfigError(f"init_from={MSE_PARENT!r} needs metric=ms-ssim (an MSE model would start "
                              "from itself); give a model reference or a checkpoint path instead")
         return cfg
 
@@ -177,7 +182,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
     def with_overrides(self, pairs: list[str] | dict) -> TrainConfig:
@@ -188,7 +193,7 @@ class TrainConfig:
             items = []
             for p in pairs:
                 if "=" not in p:
-                    raise ValueError(f"override {p!r} must look like key=value")
+                    raise ConfigError(f"override {p!r} must look like key=value")
                 items.append(tuple(p.split("=", 1)))
         types = {f.name: f.type for f in fields(self)}
         changes = {}
@@ -199,7 +204,7 @@ class TrainConfig:
                 changes["max_workers"] = _coerce(key, high, "int")
                 continue
             if key not in types:
-                raise ValueError(f"unknown config field {key!r}; known: {', '.join(sorted(types))}")
+                raise ConfigError(f"unknown config field {key!r}; known: {', '.join(sorted(types))}")
             changes[key] = _coerce(key, value, types[key]) if isinstance(value, str) else value
         return dataclasses.replace(self, **changes)
 
@@ -212,13 +217,13 @@ def _coerce(key: str, value: str, typ) -> object:
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(value)
+            raise ConfigError(value)
         if typ == "int":
             return int(float(value)) if "e" in value.lower() else int(value)
         if typ == "float":
             return float(value)
     except ValueError:
-        raise ValueError(f"{key}={value!r}: expected {typ}") from None
+        raise ConfigError(f"{key}={value!r}: expected {typ}") from None
     return value
 
 

@@ -359,7 +359,9 @@ class Trainer:
     def train_step(self, net, x: torch.Tensor) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
-        self.noise.begin(self.state.step, self.slots)
+        # A batch of another size than this rank's slots (a direct call, not the training
+        # stream) is keyed as slots 0..n-1.
+        self.noise.begin(self.state.step, self.slots if x.shape[0] == len(self.slots) else range(x.shape[0]))
         out = self.forward_backward(net, x)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(

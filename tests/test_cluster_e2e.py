@@ -154,7 +154,7 @@ def test_job_trains_and_checkpoints_to_s3(cluster, job):
     [row] = job["rows"]
     assert row["gate"] is True and row["version"] == "1", row
     assert row["name"] == REGISTRY_NAME and row["steps"] == STEPS
-    assert f"{REGISTRY_NAME}: registered version 1" in job["logs"]
+    assert f"{REGISTRY_NAME}: done: registered version 1" in job["logs"]  # the progress display's phase
 
     s3, bucket = _s3(cluster["env"]), cluster["bucket"]
     keys = _keys(s3, bucket, "runs/")

@@ -236,6 +236,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line output only
     ap = _Parser(prog="compresszoo", description="Learned image codecs of the CompressAI zoo.")
     sub = ap.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="compress an image to a .czoo file")

@@ -281,6 +281,7 @@ def quiet_ray_logging(verbose: bool) -> dict:
     import mlflow  # noqa: F401 - its import configures its loggers (INFO): set them after it
     from ray.data import DataContext
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its "Downloading artifacts" bars
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     DataContext.get_current().enable_progress_bars = False  # the gate reads its images on the driver

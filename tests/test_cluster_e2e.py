@@ -4,7 +4,6 @@ all down. Plus a two-node Ray cluster on this machine training with workers on b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from photos import kill_matching as _kill_matching
 
 ROOT = Path(__file__).resolve().parents[1]
 UP, DOWN = ROOT / "cluster" / "up.sh", ROOT / "cluster" / "down.sh"
@@ -248,17 +248,6 @@ def _down_leaves_nothing_behind(cluster, cluster_local):
 
 
 # ----------------------------------------------------------------------------------- two nodes
-
-def _kill_matching(marker: str) -> None:
-    """Stop what a killed run may leave: processes naming this test's own Ray temp folder."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(procs, timeout=10)
-
 
 _TWO_NODES = textwrap.dedent("""
     import json, os, sys

@@ -4,7 +4,6 @@ another count, corrupt rows that move nothing else, and a real node loss on a tw
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from photos import kill_matching as _kill_matching
 from safetensors.torch import load_file
 
 from compresszoo.data.manifest import Manifest
@@ -274,17 +274,6 @@ _ELASTIC = textwrap.dedent("""
         ray.shutdown()
         cluster.shutdown()
 """)
-
-
-def _kill_matching(marker: str) -> None:
-    """Stop what a killed run may leave: processes naming this test's own Ray temp folder."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(procs, timeout=10)
 
 
 def run_elastic(miniature: str, work: Path) -> tuple[dict, dict]:

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from photos import as_tensor as _tensor
+from photos import png_bytes as _png
 from PIL import Image
 from skimage import data as skdata
 from test_hostile_codec import png_header_only
@@ -24,16 +26,6 @@ from compresszoo.tracking import client as tracking_client
 NAME = "bmshj2018-factorized-mse-q8-N8-M12"
 REF = f"{NAME}@champion"
 PHOTO = skdata.astronaut()[40:160, 100:276]  # 120x176: a real photo, not a multiple of 64
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tensor(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
 def _free_port() -> int:

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from photos import as_tensor as _tensor
+from photos import png_bytes as _png
 from PIL import Image
 from skimage import data as skdata
 
@@ -32,16 +34,6 @@ from compresszoo.tracking import client as tracking_client
 
 NAME = "bmshj2018-factorized-mse-q8-N8-M12"
 REF = f"{NAME}@champion"
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tensor(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
 def _pixels(png: bytes) -> torch.Tensor:

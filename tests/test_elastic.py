@@ -283,7 +283,10 @@ def run_elastic(miniature: str, work: Path) -> tuple[dict, dict]:
     log.mkdir(parents=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix="cze-"))  # its own sessions, away from /tmp/ray
     env = {**os.environ, "COMPRESSZOO_BATCH_LOG": str(log), "COMPRESSZOO_STEP_HOLD": str(work / "hold"),
-           "RAY_TMPDIR": str(ray_tmp)}
+           "RAY_TMPDIR": str(ray_tmp),
+           # After a node is lost Ray Train first retries the old group size (its view of the
+           # nodes lags) until this timeout, 60 s by default (README, resize costs).
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
     env.pop("RAY_ADDRESS", None)
     try:
         r = subprocess.run([sys.executable, "-c", _ELASTIC, miniature, str(work), str(ELASTIC_STEPS),

@@ -99,7 +99,8 @@ def _summarize(rows: list[dict], t: GateThresholds) -> dict:
         "payload_bpp": _mean([r.get("payload_bpp") for r in rows]),
         "gap_estimated_bpp": est,
         "gap_payload_bpp": real,
-        "relative_gap": (real - est) / est if big and est else None,
+        # as for one image: an estimate of 0 bits makes any real payload an infinite gap
+        "relative_gap": ((real - est) / est if est > 0 else math.inf) if big else None,
         "psnr": _mean([r.get("psnr") for r in rows]),
         "ms_ssim": _mean([r.get("ms_ssim") for r in rows]),
         "encode_seconds": sum(r.get("encode_seconds", 0.0) for r in rows),

@@ -144,3 +144,33 @@ def test_the_float_path_fails_where_the_arithmetic_changes(matrix):
             key = f"{arch}-q{q}|0"
             own, cpu = decoded[("bf16", "bf16")][key], decoded[("bf16", "base")][key]
             assert isinstance(cpu, str) or isinstance(own, str) or not torch.equal(own, cpu), key
+
+
+def test_winograd_gives_the_direct_convolutions_integers_up_to_its_bound():
+    """The fast path for 3x3 stride-1 layers (portable.py) computes the same exact integer sums
+    as F.conv2d: equal bit for bit, for inputs as large as its bound admits (where a wrong
+    transform or a missing carry would show), odd sizes and batches; beyond the bound the layer
+    declines it. The hyper-synthesis of the Gaussian models ends in such a layer."""
+    import torch.nn.functional as F
+
+    from compresszoo.models import portable as P
+
+    torch.manual_seed(0)
+    for ci, co, h, w in [(48, 64, 16, 16), (5, 7, 5, 9), (3, 4, 1, 1)]:
+        conv = torch.nn.Conv2d(ci, co, 3, 1, 1)
+        with torch.no_grad():
+            conv.weight.mul_(20.0)  # w_frac drops below its cap: the layer sits at the 2**53 bound
+        layer = P.fixed_layer(conv, None)
+        assert layer.winograd is not None
+        lim = (P.EXACT - 1) // (layer.winograd_bound * 4)
+        assert lim > 2 ** 18  # room for real activations (|a| of a few hundred at A_FRAC bits)
+        for n in (1, 2):
+            x = torch.randint(-lim, lim + 1, (n, ci, h, w)).double()
+            x[0, 0, 0, 0] = -lim
+            assert layer.winograd_fits(x)
+            assert torch.equal(layer.accumulate(x), F.conv2d(x, layer.weight, layer.bias, 1, 1))
+        assert not layer.winograd_fits(torch.full((1, ci, h, w), float(lim + 1)))
+    for arch in ("bmshj2018-hyperprior", "mbt2018-mean"):
+        model = create_model(arch, 1).eval()
+        last = model.portable_layers("h_s", torch.device("cpu"))[-1]
+        assert last.winograd is not None and last.winograd_bound * 4 * P.A_LIMIT > P.EXACT

@@ -1,6 +1,7 @@
 """The portable entropy-parameter path against the float path, measured in one run.
 
     python benchmarks/bench_portable.py [--repeats 3] [--threads 1] [--size 256] [--overhead-only]
+                                        [--archs mbt2018-mean ...]
 
 For each architecture at two qualities (q1, and the first quality with M=320): payload bytes
 and bpp of both paths on real photographs, decoded PSNR, best-of-N encode and decode times
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--overhead-only", action="store_true")
+    ap.add_argument("--archs", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES),
+                    help="architectures to time (default: all four)")
     args = ap.parse_args()
     if args.overhead_only:
         overhead_table()
@@ -100,7 +103,7 @@ def main() -> None:
     print("| architecture | q | N, M | float bpp | portable bpp | rate | PSNR float | PSNR portable "
           "| encode float (s) | encode portable (s) | ratio | decode float (s) | decode portable (s) | ratio |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for arch in ARCHITECTURES:
+    for arch in args.archs:
         for q in (1, 5 if arch.startswith("mbt2018") else 6):
             torch.manual_seed(q)
             model = create_model(arch, q).eval()

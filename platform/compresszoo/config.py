@@ -217,7 +217,7 @@ def _coerce(key: str, value: str, typ) -> object:
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ConfigError(value)
+            raise ValueError  # reported below, as any unreadable value: "expected bool"
         if typ == "int":
             return int(float(value)) if "e" in value.lower() else int(value)
         if typ == "float":
@@ -278,10 +278,9 @@ def _recipe(base: TrainConfig, overrides: dict, *, finetune_steps: int, finetune
     fields), so an explicit override still wins."""
     metric = overrides.get("metric", base.metric)
     if metric == "ms-ssim":
-        base = dataclasses.replace(base, metric="ms-ssim", init_from=MSE_PARENT, lr=finetune_lr,
-                                   aux_lr=finetune_lr, max_steps=finetune_steps,
-                                   constant_lr_steps=finetune_steps, **finetune)
-    return base.with_overrides(overrides)
+        base = dataclasses.replace(base, init_from=MSE_PARENT, lr=finetune_lr, aux_lr=finetune_lr,
+                                   max_steps=finetune_steps, constant_lr_steps=finetune_steps, **finetune)
+    return base.with_overrides(overrides)  # sets the metric
 
 
 RECIPES = {"paper": paper, "smoke": smoke}

@@ -41,7 +41,7 @@ class RegistryError(RuntimeError):
     """A model could not be found, reached or verified; the message names model and server."""
 
 
-def _client(tracking_uri: str | None = None, what: str = "the registry"):
+def _client(tracking_uri: str | None, what: str):
     """(client, resolved uri); a server that accepts no connection is a RegistryError about
     `what` at once, not minutes of MLflow's retries."""
     uri = resolve_tracking_uri(tracking_uri or "")
@@ -414,7 +414,7 @@ def _download(ref: str, tracking_uri: str | None = None) -> tuple[Path, str]:
             if got != expected:
                 raise RegistryError(f"model {name} version {version} from {uri}: checksum mismatch "
                                     f"(expected {expected[:12]}, got {got[:12]}); the artifact is corrupted")
-            delay = float(os.environ.get("COMPRESSZOO_TEST_SLOW_COPY") or 0)
+            delay = float(os.environ.get("COMPRESSZOO_TEST_SLOW_COPY") or "0")
             if delay > 0:  # test hook: widen the window between staging and rename
                 time.sleep(delay)
     finally:

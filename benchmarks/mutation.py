@@ -38,7 +38,7 @@ EQUIVALENT_FILE = HERE / "mutation_equivalent.txt"
 # rerun them), the evaluation and serving pipelines. Add a new fast test file to a module's
 # tuple to count its kills; a file missing from the snapshot is skipped.
 CODEC_TESTS = ("test_container_v2.py", "test_hostile_codec.py", "test_raster_order.py",
-               "test_imagefiles.py", "test_mutation_kills.py")
+               "test_imagefiles.py", "test_mutation_kills.py", "test_mutation_container_image.py")
 MODULES = {
     "codec/gate.py": ("compresszoo.codec.gate.*", ("test_gate.py", "test_mutation_kills.py",
                                                     "test_mutation_gate_rans.py")),

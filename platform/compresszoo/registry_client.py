@@ -380,9 +380,7 @@ def _locate(ref: str, tracking_uri: str | None):
         mv = client.get_model_version(name, str(version)) if version is not None else None
     except Exception as e:
         if not mlflow_error_is(e, _NOT_FOUND):
-            raise RegistryError(f"model {ref!r} unreachable: the MLflow registry at {uri} is unreachable or "
-                                f"failing ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
-                                "check MLFLOW_TRACKING_URI and the server") from e
+            raise _failing(f"model {ref!r} unreachable", uri, e) from e
         mv = None
     if mv is None:
         raise RegistryError(f"model {ref!r} not found in the MLflow registry at {uri}; "

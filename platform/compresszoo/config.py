@@ -120,6 +120,10 @@ class TrainConfig:
         spec = self.spec()
         cfg = dataclasses.replace(self, N=spec.N, M=spec.M, lmbda=spec.lmbda,
                                   tracking_uri=resolve_tracking_uri(self.tracking_uri))
+        # first: the worker and batch checks below divide by these
+        for name in ("max_steps", "checkpoint_every", "batch_size", "workers", "crop"):
+            if getattr(cfg, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
         if cfg.max_workers and cfg.max_workers < cfg.workers:
             raise ConfigError(f"max_workers={cfg.max_workers} is below workers={cfg.workers}: give the range "
                              "as workers=MIN..MAX (or max_workers=0 for a fixed count)")
@@ -134,9 +138,6 @@ class TrainConfig:
         if not cfg.data:
             raise ConfigError("data is empty: give --data URI, a folder holding _manifest.json "
                              "(make one with pipelines/prepare_vimeo90k.py)")
-        for name in ("max_steps", "checkpoint_every", "batch_size", "workers", "crop"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
         for name in ("val_every", "val_images", "constant_lr_steps", "plateau_patience", "min_lr"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -219,7 +220,12 @@ def _coerce(key: str, value: str, typ) -> object:
                 return False
             raise ValueError  # reported below, as any unreadable value: "expected bool"
         if typ == "int":
-            return int(float(value)) if "e" in value.lower() else int(value)
+            if "e" not in value.lower():
+                return int(value)
+            number = float(value)  # 1e6 steps: a whole number written with an exponent
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         if typ == "float":
             return float(value)
     except ValueError:

@@ -49,6 +49,8 @@ def _client(tracking_uri: str | None, what: str):
         return _tracking_client(uri), uri
     except TrackingUnreachable as e:
         raise RegistryError(f"{what}: the MLflow registry is unreachable or failing -- {e.detail}") from None
+    except ValueError:  # a setting of ours that cannot be read: its own message says which
+        raise
     except Exception as e:  # a store that opens but is broken, e.g. a sqlite file that is no database
         raise _failing(what, uri, e) from e
 

@@ -642,7 +642,10 @@ def test_a_batch_codes_each_image_as_if_alone(zoo):
     assert not torch.equal(singles[0][1], singles[1][1])
     x_hat = decode_image(data, m)
     assert x_hat.shape == (2, 3, 20, 30)
-    assert torch.equal(x_hat[1], decode_image(singles[1][0], m))
+    # The latents above are exact; the pixels come from g_s run on a batch of 2 against a batch
+    # of 1, where oneDNN may pick other kernels (float summation order): equal up to float noise
+    # of [0, 1] pixels, far below one 8-bit level (0.004).
+    torch.testing.assert_close(x_hat[1], decode_image(singles[1][0], m), rtol=0, atol=1e-5)
 
 
 def test_the_file_records_the_coding_order(zoo):

@@ -168,7 +168,9 @@ def test_stopped_on_two_workers_resumed_on_one_matches_the_uninterrupted_run(ray
     assert resumed.steps == clean.steps == 6 and resumed.run_name == clean.run_name
 
     state = json.loads(open(os.path.join(resumed.checkpoint_dir, STATE_FILE)).read())
-    assert state["workers"] == [[0, 2], [3, 1]] and state["data_positions"][0]["step"] == 6
+    assert state["workers"] == [[0, 2], [3, 1]]
+    # The data position the checkpoint holds is the one any stream reaches after 6 global batches.
+    assert state["data_positions"] == [GlobalBatchStream(shards, step=6, **READ).position()]
     a, b = (load_file(os.path.join(r.checkpoint_dir, WEIGHTS_FILE)) for r in (clean, resumed))
     torch.manual_seed(SEED)  # the initial weights every rank starts from (train.Trainer)
     start = {k: v.detach() for k, v in build(clean.config.spec()).state_dict().items()}
@@ -192,7 +194,9 @@ def test_stopped_on_two_workers_resumed_on_one_matches_the_uninterrupted_run(ray
 
 # ---- elastic: a two-node cluster loses a node and gets it back --------------------------------
 
-ELASTIC_STEPS, ELASTIC_CHECKPOINT = 32, 4
+# 12 steps of 4 crops: one whole epoch of the 42 training frames and into the next. The node
+# goes after the checkpoint at step 4 and comes back after the one at step 8.
+ELASTIC_STEPS, ELASTIC_CHECKPOINT = 12, 4
 
 _ELASTIC = textwrap.dedent("""
     import json, os, sys, threading, time
@@ -206,9 +210,9 @@ _ELASTIC = textwrap.dedent("""
     log, hold = os.environ["COMPRESSZOO_BATCH_LOG"], os.environ["COMPRESSZOO_STEP_HOLD"]
     node = dict(num_cpus=1, object_store_memory=100 * 1024 * 1024)
     # One CPU per node and 0.6 per worker: a node holds one worker, and its Ray Data tasks.
+    events = {"start": time.time()}
     cluster = Cluster(initialize_head=True, head_node_args=node)
     ray.init(address=cluster.address, log_to_driver=False)
-    events = {}
 
     def worlds():
         seen = []
@@ -230,8 +234,10 @@ _ELASTIC = textwrap.dedent("""
     try:
         second = cluster.add_node(**node)
         cluster.wait_for_nodes()
+        events["nodes"] = time.time()
         data = os.path.join(work, "shards")
         prepare(miniature, data, progress=False, row_group_mb=0.05, task_cpus=0.5)
+        events["prepared"] = time.time()
         cfg = smoke(architecture="bmshj2018-factorized", data=data, storage=os.path.join(work, "runs"),
                     tracking_uri=f"sqlite:///{work}/mlflow.db", crop=64, val_crop=64, val_images=2,
                     batch_size=4, max_steps=steps, val_every=0, checkpoint_every=every, log_every=1,
@@ -247,11 +253,12 @@ _ELASTIC = textwrap.dedent("""
         def parked(step, world):
             return lambda: any(s == step and w == world for _, s, w in worlds())
 
-        first, second_hold = 3 * every, 6 * every
+        first, second_hold = every, 2 * every
         hold_at(first)
         trainer = threading.Thread(target=lambda: out.update(result=fit(cfg)))
         trainer.start()
         wait_for(parked(first, 2))  # two workers, parked just after their checkpoint at `first`
+        events["parked_two"] = time.time()
         time.sleep(3)  # Ray Train's controller registers a reported checkpoint when it polls (2 s)
         hold_at(second_hold)
         events["lost"] = time.time()
@@ -264,8 +271,10 @@ _ELASTIC = textwrap.dedent("""
         def two_again():
             return any(w == 2 and t > events["back"] for t, _, w in worlds())
         wait_for(two_again)
+        events["two_again"] = time.time()
         os.remove(hold)
         trainer.join(600)
+        events["done"] = time.time()
         res = out["result"]
         print("RESULT", json.dumps({"steps": res.steps, "events": events, "run_id": res.mlflow_run_id,
                                     "tracking_uri": res.config.tracking_uri, "data": data,
@@ -362,3 +371,5 @@ def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(miniatur
     timing = {"shrink_s": first[1] - result["events"]["lost"], "grow_s": first[2] - result["events"]["back"]}
     (tmp_path / "resize_timing.json").write_text(json.dumps(timing))
     print("elastic resize timing:", timing)
+    t0 = result["events"]["start"]
+    print("elastic phases:", {k: round(v - t0, 1) for k, v in result["events"].items()})

@@ -1,5 +1,9 @@
-"""Training on Ray Train: every architecture with 2 workers. A real worker fault and the resume
-that matches the uninterrupted run (on another worker count) are in tests/test_elastic.py."""
+"""Training on Ray Train with 2 workers (DDP over gloo). The two mbt2018 models train only here;
+bmshj2018-hyperprior trains on 2 workers in tests/test_elastic.py (stopped by a real worker fault,
+resumed on 1, compared with the uninterrupted run, its data position checked) and
+bmshj2018-factorized on 2 workers of a two-node cluster there (and in the registry, sweep and
+progress tests). A Ray Train start costs ~25 s here, so each architecture is trained where it
+is needed, not in every file."""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import pytest
 from safetensors.torch import load_file
 
 from compresszoo.config import smoke
-from compresszoo.models import ARCHITECTURES
 from compresszoo.tracking import client as tracking_client
 
 
@@ -22,16 +25,8 @@ def small(shards, tmp_path, **kw):
     return smoke(**base)
 
 
-def position_after(shards, cfg, steps: int) -> dict:
-    """The data position a worker's stream holds after `steps` global batches (the same on every rank)."""
-    from compresszoo.data.reader import GlobalBatchStream
-
-    return GlobalBatchStream(shards, batch_size=cfg.batch_size, crop=cfg.crop, seed=cfg.seed,
-                             window=cfg.shuffle_buffer, step=steps).position()
-
-
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_each_architecture_trains_with_two_workers(name, shards, tmp_path):
+@pytest.mark.parametrize("name", ["mbt2018-mean", "mbt2018"])
+def test_the_mbt2018_models_train_with_two_workers(name, shards, tmp_path):
     from compresszoo.train import STATE_FILE, WEIGHTS_FILE, fit
 
     cfg = small(shards, tmp_path, architecture=name, workers=2, max_steps=2, val_every=2,
@@ -43,8 +38,6 @@ def test_each_architecture_trains_with_two_workers(name, shards, tmp_path):
     run = tracking_client(res.config.tracking_uri).get_run(res.mlflow_run_id)
     assert run.data.params["workers"] == "2" and run.data.params["architecture"] == name
     assert {"loss", "bpp", "psnr", "aux_loss", "lr", "images_per_second", "val_loss"} <= set(run.data.metrics)
-    if name == "bmshj2018-factorized":  # the data side is the same for every architecture
-        # batch_size is global: 2 global batches of 4 were read, each worker taking 2 slots
-        state = json.loads(open(os.path.join(res.checkpoint_dir, STATE_FILE)).read())
-        assert state["data_positions"] == [position_after(shards, res.config, 2)]
-        assert state["workers"] == [[0, 2]]
+    # batch_size is global: 2 global batches of 4 were read, each worker taking 2 slots
+    state = json.loads(open(os.path.join(res.checkpoint_dir, STATE_FILE)).read())
+    assert state["data_positions"][0]["step"] == 2 and state["workers"] == [[0, 2]]

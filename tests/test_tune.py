@@ -233,14 +233,14 @@ def test_report_bd_rate_pareto_and_config_from_trial_rows(tmp_path):
 
 @pytest.fixture(scope="module")
 def sweep(shards, ray_session, tmp_path_factory):
-    """A 2 arch x 2 lambda x 2 (N, M) sweep whose driver process is SIGKILLed once a trial has
+    """A 2 arch x 1 lambda x 2 (N, M) sweep whose driver process is SIGKILLed once a trial has
     finished, then resumed with --resume in this process."""
     from compresszoo.tune.sweep import trial_states
 
     work = tmp_path_factory.mktemp("sweep")
     tracking = f"sqlite:///{work}/mlflow.db"
     common = ["--name", NAME, "--storage", str(work / "sweeps"), "--workdir", str(work), "--out", str(work / "report")]
-    argv = ["--preset", "smoke", "--archs", ",".join(ARCHS), "--qualities", "1,8", "--channels", "4x8",
+    argv = ["--preset", "smoke", "--archs", ",".join(ARCHS), "--qualities", "8", "--channels", "4x8",
             "--data", shards, *common, *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "MLFLOW_TRACKING_URI": tracking, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -295,8 +295,8 @@ def _runs(sweep):
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep):
     assert sweep.rc == 0
-    assert 1 <= len(sweep.done) < 8, "the kill should land after some, not all, trials finished"
-    assert sweep.report["counts"]["total"] == 8
+    assert 1 <= len(sweep.done) < 4, "the kill should land after some, not all, trials finished"
+    assert sweep.report["counts"]["total"] == 4
     for name in sweep.done:
         row = sweep.rows[name]
         assert row["status"] == "completed"
@@ -309,7 +309,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep):
     parents = [r for r in runs if r.data.tags.get("compresszoo.sweep") == NAME]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1, "one parent run per sweep, also across the resume"
-    assert len(children) == 8 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len(children) == 4 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     completed = {r["mlflow_run_id"] for r in sweep.rows.values() if r["status"] == "completed"}
     for run_id in completed:
         # measured exactly once: no finished trial was trained or measured a second time
@@ -319,11 +319,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep):
 def test_smoke_sweep_stops_some_trials_early_and_completes_the_baselines(sweep):
     rows = list(sweep.rows.values())
     grid = {(r["architecture"], r["lmbda"], (r["N"], r["M"])) for r in rows}
-    assert grid == {(a, lam, c) for a in ARCHS for lam in (0.0018, 0.18) for c in ((8, 12), (4, 8))}
+    assert grid == {(a, lam, c) for a in ARCHS for lam in (0.18,) for c in ((8, 12), (4, 8))}
     stopped = [r for r in rows if r["status"] == "early_stopped"]
     assert stopped and all(r["steps"] < MAX_STEPS for r in stopped)
     assert all(r["status"] == "completed" and r["steps"] == MAX_STEPS for r in rows if r["zoo_default"])
-    assert sweep.report["trial_steps"]["run"] < 8 * MAX_STEPS
+    assert sweep.report["trial_steps"]["run"] < 4 * MAX_STEPS
     client, runs = _runs(sweep)
     by_id = {r.info.run_id: r for r in runs}
     for r in stopped:
@@ -365,7 +365,7 @@ def test_report_plots_and_config_are_written_and_logged(sweep):
         assert not any(q["payload_bpp"] <= p["payload_bpp"] and q["psnr"] > p["psnr"] for q in points)
     entries = json.loads((out / "tuned_zoo.json").read_text())["models"]
     best = best_per_lambda(report["trials"])
-    assert len(entries) == 4
+    assert len(entries) == 2
     for e in entries:
         b = best[(e["architecture"], e["lmbda"])]
         assert (e["N"], e["M"], e["quality"]) == (b["N"], b["M"], b["quality"])

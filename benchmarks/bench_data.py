@@ -4,8 +4,8 @@
     python benchmarks/bench_data.py [--sizes 1024 4096] [--workers 2] [--repeat 2] [--only ours_qoi]
 
 Each pipeline runs in a fresh process with the same number of worker processes (one per
-core): 192 crops to warm up (workers started, imports done), then one whole epoch timed, its
-start included. The marginal cost per crop, (CPU(big) - CPU(small)) / (crops(big) -
+core): 192 crops to warm up (workers started, imports done), then --epochs whole epochs
+timed (default 3) from one stream, as training reads them: every epoch start included. The marginal cost per crop, (CPU(big) - CPU(small)) / (crops(big) -
 crops(small)) over the two dataset sizes, is the steady-state number with the per-epoch
 start cancelled out (an epoch of Vimeo90K is minutes long, so that is what training sees). Reported: crops per
 CPU-second (crops/s of one fully busy core; CPU time is robust when other jobs share the
@@ -142,7 +142,7 @@ WARMUP_CROPS = 192
 
 
 def timed(batches) -> dict:
-    """Time one whole epoch of an iterator of batches, its start included."""
+    """Time whole epochs of an iterator of batches, their starts included."""
     crops, first = 0, None
     with TreeMeter() as meter:
         for x in batches:
@@ -161,7 +161,7 @@ def warm_up(batches) -> None:
             break
 
 
-def run_reference(root: str, *, workers: int, crop: int, batch: int) -> dict:
+def run_reference(root: str, *, workers: int, crop: int, batch: int, epochs: int) -> dict:
     import torch
     from compressai.datasets import ImageFolder
     from torchvision import transforms
@@ -172,10 +172,10 @@ def run_reference(root: str, *, workers: int, crop: int, batch: int) -> dict:
         dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True, drop_last=False
     )
     warm_up(loader)
-    return timed(loader)
+    return timed(x for _ in range(epochs) for x in loader)
 
 
-def run_ours(dst: str, *, workers: int, crop: int, batch: int) -> dict:
+def run_ours(dst: str, *, workers: int, crop: int, batch: int, epochs: int) -> dict:
     import ray
     import torch
 
@@ -189,14 +189,15 @@ def run_ours(dst: str, *, workers: int, crop: int, batch: int) -> dict:
         return TrainStream(dst, rank=0, world_size=1, batch_size=batch, crop=crop, even_batches=False, task_cpus=1.0)
 
     warm_up(stream().epoch_batches())
-    result = timed(stream().epoch_batches())  # a fresh stream: one whole epoch
+    fresh = stream()  # whole epochs one after the other, a dataset started for each
+    result = timed(x for _ in range(epochs) for x in fresh.epoch_batches())
     ray.shutdown()
     return {**result, "decoder": png_decoder()}
 
 
-def run_global(dst: str, *, workers: int, crop: int, batch: int) -> dict:
+def run_global(dst: str, *, workers: int, crop: int, batch: int, epochs: int) -> dict:
     """The world-size-independent reader (GlobalBatchStream, data/order.py) as training uses it:
-    one rank, the global batch, a 256-frame window; one epoch's worth of steps."""
+    one rank, the global batch, a 256-frame window; `epochs` epochs' worth of steps."""
     import itertools
 
     import ray
@@ -210,10 +211,12 @@ def run_global(dst: str, *, workers: int, crop: int, batch: int) -> dict:
     steps = -(-Manifest.load(dst).frames("train") // batch)
 
     def stream():
-        return GlobalBatchStream(dst, batch_size=batch, crop=crop, window=256, task_cpus=1.0).batches()
+        # stop: the stream ends where the timed epochs end, as training's ends at max_steps
+        return GlobalBatchStream(dst, batch_size=batch, crop=crop, window=256, task_cpus=1.0,
+                                 stop=steps * epochs).batches()
 
     warm_up(stream())
-    result = timed(itertools.islice(stream(), steps))  # a fresh stream: one epoch of steps
+    result = timed(itertools.islice(stream(), steps * epochs))  # a fresh stream
     ray.shutdown()
     return result
 
@@ -261,7 +264,7 @@ def measure(kind: str, path: str, args, decoder: str = "auto") -> dict:
     """Run one pipeline in a fresh process (its own process tree, nothing shared) and return its numbers."""
     env = {**os.environ, "COMPRESSZOO_PNG_DECODER": decoder}
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", kind, "--_path", path, "--workers", str(args.workers),
-           "--crop", str(args.crop), "--batch", str(args.batch)]
+           "--crop", str(args.crop), "--batch", str(args.batch), "--epochs", str(args.epochs)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
@@ -283,6 +286,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes (= cores) for each pipeline")
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3, help="whole epochs timed, one after the other")
     p.add_argument("--repeat", type=int, default=2, help="interleaved runs of each pipeline; the median is reported")
     p.add_argument("--shard-size-mb", type=float, default=64.0)
     p.add_argument("--only", nargs="+", choices=list(PIPELINES), default=list(PIPELINES),
@@ -298,7 +302,8 @@ def main() -> None:
         return
     if args._run:
         run = {"ours": run_ours, "global": run_global, "reference": run_reference}[args._run]
-        print(json.dumps(run(args._path, workers=args.workers, crop=args.crop, batch=args.batch)))
+        print(json.dumps(run(args._path, workers=args.workers, crop=args.crop, batch=args.batch,
+                             epochs=args.epochs)))
         return
 
     import ray
@@ -344,7 +349,7 @@ def report(rows, args) -> None:
     mb = 1 << 20
     print(f"\nRandom {args.crop}x{args.crop} crops of 448x256 PNG frames delivered as float tensors, batch "
           f"{args.batch}, {args.workers} worker processes per pipeline on a {psutil.cpu_count()}-core machine; "
-          f"{WARMUP_CROPS} crops to warm up, then one whole epoch timed (its start included), each pipeline in a fresh process, median of {args.repeat} interleaved runs. 'per CPU-s' = "
+          f"{WARMUP_CROPS} crops to warm up, then {args.epochs} whole epochs timed (their starts included), each pipeline in a fresh process, median of {args.repeat} interleaved runs. 'per CPU-s' = "
           "crops per second of one fully busy core; 'work' = the training process and the decode workers, "
           "without Ray's daemons.\n")
     print("| frames | pipeline | crops per CPU-s (work) | crops per CPU-s (incl. Ray daemons) | crops/s wall | "
@@ -382,7 +387,7 @@ def report(rows, args) -> None:
             print(f"| {frames} | {work:.2f}x | {total:.2f}x | >= 0.90x |")
     if len(rows) >= 2:
         (small, _, a), (big, _, b) = rows[0], rows[-1]
-        print(f"\nSteady state, marginal cost between {small} and {big} frames (the per-epoch start cancels out):\n")
+        print(f"\nSteady state, marginal cost between {small} and {big} frames (the start cancels out):\n")
         print("| pipeline | crops per CPU-s (work) | crops per CPU-s (incl. Ray daemons) | ratio (work) | ratio (incl. daemons) |")
         print("| --- | ---: | ---: | ---: | ---: |")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -90,8 +91,15 @@ def test_global_batches_are_the_same_on_any_worker_count_and_after_a_resume(ray_
     keys = [k for s in Manifest.load(shards).shards_for("train")
             for k in pq.read_table(os.path.join(shards, s.path), columns=["key"]).column("key").to_pylist()]
     assert all([keys[i] for i in order.batch(s)] == one[s]["keys"] for s in one)
+    # A stream given stop (training's max_steps) ends there, across an epoch boundary too.
+    stopping = GlobalBatchStream(shards, rank=1, world_size=2, step=9, stop=13, **READ)
+    ended = list(itertools.islice(stopping.batches(with_meta=True), 5))  # 5: fails, not hangs, if it runs on
+    assert [m["step"] for _, m in ended] == [9, 10, 11, 12]
+    assert [m["keys"] for _, m in ended] == [two[s]["keys"][BATCH // 2:] for s in range(9, 13)]
     with pytest.raises(ValueError, match="5 workers cannot share a global batch of 4"):
         GlobalBatchStream(shards, rank=0, world_size=5, **READ)
+    with pytest.raises(ValueError, match="stop=2 is before step=3"):
+        GlobalBatchStream(shards, step=3, stop=2, **READ)
 
 
 def test_a_corrupt_row_changes_no_other_slot(ray_session, shards, tmp_path):

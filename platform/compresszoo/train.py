@@ -486,7 +486,8 @@ def train_loop_per_worker(config: dict) -> None:
         trainer.warm_start(Parent(**config["parent"]))
     stream = GlobalBatchStream(cfg.data, rank=rank, world_size=world, batch_size=cfg.batch_size,
                                crop=cfg.crop, seed=cfg.seed, window=cfg.shuffle_buffer,
-                               step=trainer.state.step, task_cpus=cfg.data_cpus)
+                               step=trainer.state.step, stop=max(cfg.max_steps, trainer.state.step),
+                               task_cpus=cfg.data_cpus)
     saved = trainer.state.data_positions
     if saved and isinstance(saved[0], dict) and saved[0].get("version") == 1:  # the earlier reader's
         warnings.warn(f"{cfg.run_name()}: checkpoint of the earlier per-rank reader; training goes on from "

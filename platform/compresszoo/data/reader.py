@@ -643,6 +643,10 @@ def validation_batches(
 
 GLOBAL_POSITION_VERSION = 2
 _BLOCK_ROWS = 32  # crops per block a decode task hands over: small blocks, steady backpressure
+# Windows per Ray dataset, at least: a dataset spans whole epochs until it has this many, so
+# a small dataset's epoch boundary is no new dataset start (a start costs seconds: an
+# executor, the first tasks scheduled, nothing prefetched across it).
+_SPAN_WINDOWS = 64
 
 
 def _decode_slots(batch: dict, *, fragments: list[_Fragment], starts: np.ndarray, crop: int, seed: int,
@@ -730,6 +734,9 @@ class GlobalBatchStream:
     crops waiting in Ray's object store are capped at `buffer_mb` (backpressure), plus
     `prefetch_batches` blocks in the training process. With w workers every row group is
     read by each of them (w times the bytes of one reader), each decodes 1/w of it.
+    One Ray dataset spans whole epochs until it holds at least _SPAN_WINDOWS windows (many
+    epochs of a small dataset, one of Vimeo90K): an epoch boundary inside it costs nothing,
+    where a new dataset costs seconds before its first block.
 
     Corrupt rows (CRC, decode, too small) are replaced by the slot's deterministic spare and
     counted in stats(): no other slot, rank or step changes.
@@ -738,10 +745,13 @@ class GlobalBatchStream:
     def __init__(self, manifest_uri: str, *, rank: int = 0, world_size: int = 1, batch_size: int = 16,
                  crop: int = 256, seed: int = 0, window: int = 256, step: int = 0, split: str = "train",
                  task_cpus: float = 1.0, concurrency: int | None = None, prefetch_batches: int = 2,
-                 buffer_mb: float = 128.0):
+                 buffer_mb: float = 128.0, stop: int | None = None):
         self.slots = rank_slots(batch_size, world_size, rank)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        if stop is not None and stop < step:
+            raise ValueError(f"stop={stop} is before step={step}")
+        self.stop = stop
         self.manifest = Manifest.load(manifest_uri)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.crop, self.seed, self.window, self.step, self.split = crop, seed, window, step, split
@@ -776,7 +786,8 @@ class GlobalBatchStream:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
 
     def batches(self, *, with_meta: bool = False) -> Iterator:
-        """Yield this rank's slice of global batch self.step, self.step + 1, ... (stop when done).
+        """Yield this rank's slice of global batch self.step, self.step + 1, ... up to global
+        batch `stop` - 1 (the training's max_steps: nothing beyond it is decoded), or forever.
 
         with_meta=True yields (images, meta) with meta = {"step", "keys", "offsets" [(y, x)],
         "spare_for" (the replaced frame's key or "")}.
@@ -784,22 +795,20 @@ class GlobalBatchStream:
         per = len(self.slots)
         pending = _Rebatcher(per)
         epoch = self.order.epoch_of_step(self.step)
-        while True:
-            ds = self._epoch_dataset(epoch, start=self.step * self.batch_size)
-            if ds is not None:
-                blocks = ds.iter_batches(batch_size=None, batch_format="numpy",
-                                         prefetch_batches=self.prefetch_batches)
-                for block in _reraise_shard_errors(blocks):
-                    self._count_bad(block)
-                    pending.add({k: block[k] for k in ("image", "key", "pos", "offset", "spare_for")})
-                    while (out := pending.pop()) is not None:
-                        expected = self.step * self.batch_size + self.slots.start
-                        if int(out["pos"][0]) != expected:  # an internal invariant, never data
-                            raise RuntimeError(f"rank {self.rank}: got position {out['pos'][0]}, "
-                                               f"expected {expected}")
-                        self.step += 1
-                        yield self._out(out, with_meta)
-            epoch += 1
+        while self.stop is None or self.step < self.stop:
+            items, epoch = self._span_items(epoch, start=self.step * self.batch_size)
+            blocks = self._dataset(items).iter_batches(batch_size=None, batch_format="numpy",
+                                                       prefetch_batches=self.prefetch_batches)
+            for block in _reraise_shard_errors(blocks):
+                self._count_bad(block)
+                pending.add({k: block[k] for k in ("image", "key", "pos", "offset", "spare_for")})
+                while (out := pending.pop()) is not None:
+                    expected = self.step * self.batch_size + self.slots.start
+                    if int(out["pos"][0]) != expected:  # an internal invariant, never data
+                        raise RuntimeError(f"rank {self.rank}: got position {out['pos'][0]}, "
+                                           f"expected {expected}")
+                    self.step += 1
+                    yield self._out(out, with_meta)
 
     def _out(self, batch: dict, with_meta: bool):
         tensor = _to_tensor(batch["image"])
@@ -818,21 +827,35 @@ class GlobalBatchStream:
                 room = max(_MAX_NAMED_SKIPS - len(self._stats["skipped"]), 0)
                 self._stats["skipped"].extend(pairs[:room])
 
-    def _epoch_dataset(self, epoch: int, *, start: int):
-        """The Ray dataset of this rank's slots of `epoch` at global positions >= start (None if none)."""
+    def _span_items(self, epoch: int, *, start: int) -> tuple[list[dict], int]:
+        """The work items (one per window: positions and frames) of this rank's slots at global
+        positions >= start, from `epoch` on through whole epochs until there are at least
+        _SPAN_WINDOWS of them; and the first epoch not included."""
+        items: list[dict] = []
+        end = math.inf if self.stop is None else self.stop * self.batch_size
+        while len(items) < _SPAN_WINDOWS and epoch * self.order.frames < end:
+            items += self._epoch_items(epoch, start=start)
+            epoch += 1
+        return items, epoch
+
+    def _epoch_items(self, epoch: int, *, start: int) -> list[dict]:
+        """The work items of this rank's slots of `epoch` at global positions >= start (and
+        before stop * batch_size)."""
         n = self.order.frames
         sequence, bounds = self.order.epoch(epoch)
         first = max(start - epoch * n, 0)
-        offsets = np.arange(first, n, dtype=np.int64)
+        last = n if self.stop is None else min(n, self.stop * self.batch_size - epoch * n)
+        offsets = np.arange(first, last, dtype=np.int64)
         pos = epoch * n + offsets
         slot = pos % self.batch_size
         mine = (slot >= self.slots.start) & (slot < self.slots.stop)
         pos, offsets = pos[mine], offsets[mine]
         cuts = np.searchsorted(offsets, bounds[1:-1])
-        items = [{"pos": p.tobytes(), "frames": sequence[o].tobytes()}
-                 for p, o in zip(np.split(pos, cuts), np.split(offsets, cuts)) if len(p)]
-        if not items:
-            return None
+        return [{"pos": p.tobytes(), "frames": sequence[o].tobytes()}
+                for p, o in zip(np.split(pos, cuts), np.split(offsets, cuts)) if len(p)]
+
+    def _dataset(self, items: list[dict]):
+        """One Ray dataset over `items`, decoded in order."""
         import ray
         import ray.data
 

@@ -42,7 +42,8 @@ CODEC_TESTS = ("test_container_v2.py", "test_hostile_codec.py", "test_raster_ord
 MODULES = {
     "codec/gate.py": ("compresszoo.codec.gate.*", ("test_gate.py", "test_mutation_kills.py",
                                                     "test_mutation_gate_rans.py")),
-    "models/entropy.py": ("compresszoo.models.entropy.*", ("test_models.py", "test_gate.py", *CODEC_TESTS)),
+    "models/entropy.py": ("compresszoo.models.entropy.*", ("test_models.py", "test_gate.py", *CODEC_TESTS,
+                                                           "test_mutation_entropy_schedule.py")),
     "codec/container.py": ("compresszoo.codec.container.*", CODEC_TESTS),
     "codec/image.py": ("compresszoo.codec.image.*", ("test_gate.py", *CODEC_TESTS)),
     "ans/rans.py": ("compresszoo.ans.rans.*", ("test_rans.py", "test_hostile_codec.py", "test_mutation_kills.py",
@@ -56,7 +57,7 @@ MODULES = {
                                             "test_mutation_config_registry.py")),
     # the training schedule only
     "train.py": ("compresszoo.train.xǁLrScheduleǁ*", ("test_schedule.py", "test_recipe_schedule.py",
-                                                     "test_mutation_kills.py")),
+                                                     "test_mutation_kills.py", "test_mutation_entropy_schedule.py")),
 }
 # What the tests read from the checkout besides the package and themselves.
 ALSO_COPY = ("README.md", "docs", "pipelines", "cluster")

@@ -1,8 +1,8 @@
 """Training on Ray Train with 2 workers (DDP over gloo). The two mbt2018 models train only here;
 bmshj2018-hyperprior trains on 2 workers in tests/test_elastic.py (stopped by a real worker fault,
 resumed on 1, compared with the uninterrupted run, its data position checked) and
-bmshj2018-factorized on 2 workers of a two-node cluster there (and in the registry, sweep and
-progress tests). A Ray Train start costs ~25 s here, so each architecture is trained where it
+bmshj2018-factorized on 2 workers of a two-node cluster there (and on 1 worker in the
+registry, sweep and progress tests). A Ray Train start costs ~25 s here, so each architecture is trained where it
 is needed, not in every file."""
 
 from __future__ import annotations

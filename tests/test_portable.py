@@ -172,5 +172,34 @@ def test_winograd_gives_the_direct_convolutions_integers_up_to_its_bound():
         assert not layer.winograd_fits(torch.full((1, ci, h, w), float(lim + 1)))
     for arch in ("bmshj2018-hyperprior", "mbt2018-mean"):
         model = create_model(arch, 1).eval()
-        last = model.portable_layers("h_s", torch.device("cpu"))[-1]
+        layers = model.portable_layers("h_s", torch.device("cpu"))
+        last = layers[-1]
         assert last.winograd is not None and last.winograd_bound * 4 * P.A_LIMIT > P.EXACT
+        assert [la.subpixel is not None for la in layers] == [True, True, False]
+
+
+def test_subpixel_deconvolution_gives_the_transposed_convolutions_integers():
+    """The hyper-synthesis' 5x5 stride-2 transposed convolutions run as one 3x3 convolution over
+    the four output phases plus a pixel shuffle (portable.py), by Winograd when the input is
+    large enough and the bound holds, directly otherwise. Both must give F.conv_transpose2d's
+    integers bit for bit: at the bound, on sizes with and without Winograd (16x16 and 5x9
+    inputs), odd sizes, batches, and past the bound."""
+    import torch.nn.functional as F
+
+    from compresszoo.models import portable as P
+
+    torch.manual_seed(0)
+    for ci, co, h, w in [(40, 24, 16, 16), (5, 7, 5, 9), (3, 4, 1, 1), (6, 5, 17, 23)]:
+        deconv = torch.nn.ConvTranspose2d(ci, co, 5, 2, 2, 1)
+        with torch.no_grad():
+            deconv.weight.mul_(20.0)
+        layer = P.fixed_layer(deconv, None)
+        assert layer.subpixel is not None and layer.winograd is not None
+        lim = (P.EXACT - 1) // (layer.winograd_bound * 4)
+        assert lim > 2 ** 18
+        for n, big in ((1, lim), (2, lim), (1, min(4 * lim, int(P.A_LIMIT)))):
+            x = torch.randint(-big, big + 1, (n, ci, h, w)).double()
+            x[0, 0, 0, 0] = -big
+            assert layer.winograd_fits(x) == (big == lim)
+            want = F.conv_transpose2d(x, layer.weight, layer.bias, 2, 2, 1)
+            assert torch.equal(layer.accumulate(x), want), (ci, co, h, w, n, big)

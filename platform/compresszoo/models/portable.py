@@ -25,6 +25,15 @@ output comes out times 4 and is divided by 4 exactly). It computes the same inte
 direct convolution, so its results are identical, not close: it is used only when a bound,
 checked on the integers of the layer and of the actual input, proves that every intermediate
 of the transformed computation stays below 2**53; otherwise the direct convolution runs.
+
+The 5x5 stride-2 transposed convolutions before it (CompressAI's `deconv`: padding 2, output
+padding 1) are sub-pixel convolutions: output pixel (2m + ry, 2n + rx) only sees inputs
+m-1..m+1, n-1..n+1, through taps (4, 2, 0) of the kernel for an even row or column and
+(-, 3, 1) for an odd one. So the layer is one 3x3 stride-1 convolution with 4x the output
+channels (the four phases, zero taps where a phase has none) followed by a pixel shuffle, and
+that convolution runs as the same exact Winograd: 16 products per input pixel and channel pair
+instead of the 25 of the direct transposed convolution, with float64's slow col2im gone. The
+integers are again the same sums (the zero taps add exact zeros), under the same bound check.
 """
 
 from __future__ import annotations
@@ -51,8 +60,10 @@ def _activate(q: Tensor, act: str | None) -> Tensor:
     if act == "relu":
         return q.clamp_(min=0.0)
     if act == "leaky":
-        # floor(q * 655 / 2**16) on the negative side: |q| * 655 < 2**35, exact.
-        return torch.where(q < 0, torch.floor(q * LEAK_NUM / 2.0 ** LEAK_SHIFT), q)
+        # floor(q * 655 / 2**16) on the negative side: |q| * 655 < 2**35, so one multiplication
+        # by 655 * 2**-16 is exact. As the slope is below 1 and q an integer, that floor is >= q
+        # for q < 0 and <= q for q >= 0: the leaky ReLU is their maximum.
+        return torch.maximum(q, torch.mul(q, LEAK_NUM * 2.0 ** -LEAK_SHIFT).floor_(), out=q)
     return q
 
 
@@ -93,6 +104,26 @@ def _winograd_conv(x: Tensor, u: Tensor, bias: Tensor) -> Tensor:
     return torch.add(bias.view(1, -1, 1, 1), out, alpha=0.25)  # /4 exact, + bias exact
 
 
+# Sub-pixel form of a 5x5 stride-2 transposed convolution (padding 2, output padding 1): output
+# row 2m + r takes input row m - 1 + a through kernel row _PHASE_TAP[r][a] (None: no tap), since a
+# transposed convolution adds x[i] * w[k] into output o = 2i - 2 + k.
+_PHASE_TAP = ((4, 2, 0), (None, 3, 1))
+
+
+def _subpixel_weight(weight: Tensor) -> Tensor:
+    """(in, out, 5, 5) transposed-convolution weights -> (4 out, in, 3, 3) convolution weights,
+    output channel 4c + 2ry + rx being phase (ry, rx) of channel c (F.pixel_shuffle's order)."""
+    cin, cout = weight.shape[:2]
+    sub = weight.new_zeros(cout, 2, 2, cin, 3, 3)
+    for ry in range(2):
+        for rx in range(2):
+            for a, ky in enumerate(_PHASE_TAP[ry]):
+                for b, kx in enumerate(_PHASE_TAP[rx]):
+                    if ky is not None and kx is not None:
+                        sub[:, ry, rx, :, a, b] = weight[:, :, ky, kx].t()
+    return sub.reshape(4 * cout, cin, 3, 3)
+
+
 @dataclass
 class FixedLayer:
     """One convolution in fixed point; weight and bias are float64 tensors of integers."""
@@ -105,8 +136,11 @@ class FixedLayer:
     padding: tuple
     output_padding: tuple
     act: str | None
-    winograd: Tensor | None = None  # _winograd_filters(weight) for a 3x3 stride-1 padding-1 conv
+    # _winograd_filters of the 3x3 stride-1 padding-1 convolution this layer is (conv), or of
+    # its sub-pixel form (a 5x5 stride-2 deconv)
+    winograd: Tensor | None = None
     winograd_bound: int = 0
+    subpixel: Tensor | None = None  # a 5x5 stride-2 deconv's _subpixel_weight(weight)
 
     def winograd_fits(self, x: Tensor) -> bool:
         """True when every intermediate of _winograd_conv(x) is provably below 2**53: the input
@@ -119,6 +153,13 @@ class FixedLayer:
 
     def accumulate(self, x: Tensor) -> Tensor:
         """Exact integer result at scale 2**-(A_FRAC + w_frac) for x at A_FRAC bits."""
+        if self.subpixel is not None:
+            # the four phases' channels, interleaved into the 2x output. Below ~256 input pixels
+            # (8x12 tiles) the batched products are too small for Winograd to pay.
+            bias = self.bias.repeat_interleave(4)
+            if x.shape[-2] * x.shape[-1] >= 256 and self.winograd_fits(x):
+                return F.pixel_shuffle(_winograd_conv(x, self.winograd, bias), 2)
+            return F.pixel_shuffle(F.conv2d(x, self.subpixel, bias, 1, 1), 2)
         if self.winograd_fits(x):
             return _winograd_conv(x, self.winograd, self.bias)
         if self.kind == "deconv":
@@ -126,8 +167,9 @@ class FixedLayer:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def requantize(self, acc: Tensor) -> Tensor:
-        """Back to A_FRAC bits (round half up), activation, clamp: the next layer's input."""
-        q = torch.floor(acc / 2.0 ** self.w_frac + 0.5).clamp_(-A_LIMIT, A_LIMIT)
+        """Back to A_FRAC bits (round half up), activation, clamp: the next layer's input.
+        (Scaling by a power of two is exact, so the multiplication equals the division.)"""
+        q = torch.mul(acc, 2.0 ** -self.w_frac).add_(0.5).floor_().clamp_(-A_LIMIT, A_LIMIT)
         return _activate(q, self.act)
 
     def real(self, acc: Tensor) -> Tensor:
@@ -175,6 +217,11 @@ def fixed_layer(module: nn.Module, act: str | None, weight: Tensor | None = None
     if (kind == "conv" and tuple(w_int.shape[2:]) == (3, 3) and layer.stride == (1, 1) and layer.padding == (1, 1)
             and tuple(module.dilation) == (1, 1) and module.groups == 1):
         layer.winograd, layer.winograd_bound = _winograd_filters(w_int)
+    elif (kind == "deconv" and tuple(w_int.shape[2:]) == (5, 5) and layer.stride == (2, 2)
+            and layer.padding == (2, 2) and layer.output_padding == (1, 1)
+            and tuple(module.dilation) == (1, 1) and module.groups == 1):
+        layer.subpixel = _subpixel_weight(w_int)
+        layer.winograd, layer.winograd_bound = _winograd_filters(layer.subpixel)
     return layer
 
 
@@ -213,5 +260,6 @@ def on_device(layers: list[FixedLayer], device: torch.device) -> list[FixedLayer
         return layers
     return [FixedLayer(la.kind, la.weight.to(device), la.bias.to(device), la.w_frac, la.stride,
                        la.padding, la.output_padding, la.act,
-                       None if la.winograd is None else la.winograd.to(device), la.winograd_bound)
+                       None if la.winograd is None else la.winograd.to(device), la.winograd_bound,
+                       None if la.subpixel is None else la.subpixel.to(device))
             for la in layers]

@@ -87,6 +87,36 @@ def test_the_paper_recipe_is_the_documented_schedule():
         paper(data="d", workers=3).resolved()
 
 
+def test_the_readme_table_of_smoke_against_paper_is_both_recipes():
+    """The README lists every field in which `smoke` differs from `paper`, for the MSE recipe
+    and (in parentheses) the MS-SSIM fine-tune: each row must hold both recipes' values, and
+    every field that differs must have a row, so a changed recipe value or a new difference
+    fails until the table says it."""
+    import ast
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| field | `paper` | `smoke` |")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        name, *cells = [c.strip() for c in line.strip("|").split("|")]
+        parsed = []
+        for cell in cells:
+            m = re.fullmatch(r"(\S+)(?: \((\S+)\))?", cell)
+            assert m, line
+            mse = ast.literal_eval(m.group(1))
+            parsed.append((mse, ast.literal_eval(m.group(2)) if m.group(2) else mse))
+        rows[name.strip("`")] = parsed
+    for metric, which in (("mse", 0), ("ms-ssim", 1)):
+        p, s = paper(metric=metric), smoke(metric=metric)
+        differ = {f.name for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(s, f.name)} - {"preset"}
+        assert differ <= set(rows), f"{metric}: no README row for {sorted(differ - set(rows))}"
+        for name, ((paper_mse, paper_ms), (smoke_mse, smoke_ms)) in rows.items():
+            want = (paper_mse, smoke_mse) if which == 0 else (paper_ms, smoke_ms)
+            assert (getattr(p, name), getattr(s, name)) == want, (metric, name)
+
+
 @pytest.mark.parametrize("pair, field, value", [
     ("max_steps=1000", "max_steps", 1000),
     ("max_steps=1e3", "max_steps", 1000),

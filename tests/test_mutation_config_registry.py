@@ -334,11 +334,13 @@ def debug_model():
 
 
 def _tables(card: str) -> list[list[list[str]]]:
-    """The card's Markdown tables, strictly: a header row, a separator row of `---` cells of the
-    same width, then rows of that width up to a blank line."""
+    """The card's Markdown tables, strictly: a blank line, a header row, a separator row of `---`
+    cells of the same width, then rows of that width up to a blank line. (Without the blank line
+    before it, a renderer reads the header row as the end of the paragraph above.)"""
     lines, tables, i = card.split("\n"), [], 0
     while i < len(lines):
         if lines[i].startswith("|"):
+            assert i > 0 and lines[i - 1] == "", f"no blank line before the table at {lines[i]!r}"
             rows = []
             while i < len(lines) and lines[i]:
                 line = lines[i]

@@ -242,6 +242,9 @@ def main() -> int:
     ap.add_argument("--tests", nargs="+", default=None,
                     help="run only these of each module's test files (a faster lower bound on the score: "
                          "a mutant that a subset of the tests kills, all of them kill)")
+    ap.add_argument("--mutants", nargs="+", default=None,
+                    help="test only these mutants (mutmut names or patterns, e.g. an earlier run's survivors "
+                         "and timeouts, with more test files); the others are reported as not checked")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     selected = list(MODULES) if not args.only else args.only
@@ -254,10 +257,16 @@ def main() -> int:
             if not kept:
                 ap.error(f"--tests: none of {args.tests} is among {m}'s test files {list(MODULES[m][1])}")
             MODULES[m] = (MODULES[m][0], kept)
+    patterns = [MODULES[m][0] for m in selected]
+    if args.mutants:
+        stray = [n for n in args.mutants if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if stray:
+            ap.error(f"--mutants: {stray} are not mutants of {selected} (names look like {patterns[0]})")
+        patterns = args.mutants
     start = time.perf_counter()
     if not args.report_only:
         snapshot(work, selected, args.rev, args.deselect)
-        run_mutmut(work, args.children, [MODULES[m][0] for m in selected])
+        run_mutmut(work, args.children, patterns)
     report = collect(work, selected)
     print(summarize(report, selected))
     print(f"\nwall time {time.perf_counter() - start:.0f} s, {args.children} mutants at once")

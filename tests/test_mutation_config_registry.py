@@ -10,6 +10,7 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from compresszoo.config import MSE_PARENT, ConfigError, TrainConfig, paper, smoke
 from compresszoo.models.registry import model_spec
@@ -421,6 +422,15 @@ def test_the_card_places_the_model_against_the_published_zoo(debug_model):
     bare = _card(debug_model, rd_position={"text": "no curve."})
     assert "\nRD position against the published zoo (not comparable): no curve.\n" in bare
     assert _tables(bare)[2][1:] == [["this model", "-", "-", "-", "-"], ["published, quality None", "-", "-", "", ""]]
+
+
+def test_card_sections_without_optional_values_stay_empty_and_separated(debug_model):
+    """An RD position without its sentence leaves the sentence empty (no placeholder), every
+    attachment is listed once after the fixed artifacts, and a blank line separates the
+    artifacts from the loading instructions (Markdown would join them into one paragraph)."""
+    card = _card(debug_model, rd_position={"comparable": True}, attachments=["rd.png", "curve.csv"])
+    assert "\nRD position against the published zoo (comparable): \n" in card
+    assert ", rd_point.json, rd.png, curve.csv.\n\nLoad: `mlflow.pyfunc.load_model(" in card
 
 
 def test_non_finite_measurements_print_as_python_writes_them(debug_model):
@@ -883,3 +893,57 @@ def test_a_registry_file_that_is_no_database_is_a_registry_error(tmp_path):
     uri = f"sqlite:///{broken}"
     with pytest.raises(RegistryError, match=r"unreachable or failing \(\w+Error: .*check MLFLOW_TRACKING_URI"):
         champion_version("bmshj2018-hyperprior-mse-q1", tracking_uri=uri)
+
+
+# Another process rewriting the shared cache file while a model loads: an audit hook on
+# shutil.copyfile (a real event of the standard library, raised before the copy starts) plays
+# that process, deterministically. Hooks cannot be removed, so this one only acts while a test
+# sets _TAMPER.
+_TAMPER: dict = {"path": None, "copies": []}
+_HOOKED: list = []
+
+
+def _tamper_with_copies(event, args):
+    if event == "shutil.copyfile" and _TAMPER["path"] is not None:
+        _TAMPER["copies"].append(tuple(str(a) for a in args))
+        if str(args[0]) == str(_TAMPER["path"]):
+            with open(args[0], "wb") as f:
+                f.write(b"rewritten by another process")
+
+
+def test_load_registered_uses_the_given_registry_and_refuses_a_cache_file_changed_while_loading(
+        store, debug_model, tmp_path, monkeypatch):
+    """load_registered asks the registry it is given (none in the environment, none in the
+    working folder) and loads a private copy: if the shared cache file changes between its
+    verification and the copy, the copy's hash gives it away and the error names the file, both
+    hashes (12 hex digits) and what to do. The private copy lives in its own named temporary
+    folder."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    from compresszoo.registry_client import RegistryError, cache_path, load_registered, sha256_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
+    model = load_registered(f"{NAME}@champion", store.uri)
+    want = debug_model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items() if k in want)
+    assert not (tmp_path / "mlflow.db").exists()
+    cached = cache_path(NAME, "1")
+    expected = sha256_file(cached)
+    if not _HOOKED:
+        sys.addaudithook(_tamper_with_copies)
+        _HOOKED.append(True)
+    _TAMPER.update(path=cached, copies=[])
+    try:
+        with pytest.raises(RegistryError) as err:
+            load_registered(f"{NAME}@champion", store.uri)
+    finally:
+        _TAMPER["path"] = None
+    (src, dst), = _TAMPER["copies"]
+    assert Path(src) == cached and Path(dst).parent.name.startswith("compresszoo-load-")
+    got = hashlib.sha256(b"rewritten by another process").hexdigest()
+    assert str(err.value) == (f"model '{NAME}@champion': the cached file {cached} changed after verification "
+                              f"(expected {expected[:12]}, got {got[:12]}); load it again")

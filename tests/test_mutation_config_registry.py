@@ -636,19 +636,34 @@ def test_the_signature_and_the_input_example():
     _check_example_png(_example_png())
 
 
-def test_the_logged_signature_and_input_example_are_predicts_contract(store):
+def _check_model_folder(folder):
+    """The MLmodel in `folder` declares predict's signature and an encode input example."""
     import base64
-    from pathlib import Path
 
     from mlflow.models import Model
 
-    folder = Path(store.client.get_model_version(NAME, "1").source)
     meta = Model.load(str(folder))
     _check_signature(meta.signature)
     frame, params = meta.load_input_example(str(folder)), meta.load_input_example_params(str(folder))
     assert params == {"mode": "encode"} and list(frame.columns) == ["data"] and len(frame) == 1
     png = frame["data"][0]
     _check_example_png(png if isinstance(png, bytes) else base64.b64decode(png))
+
+
+def test_the_logged_signature_and_input_example_are_predicts_contract(store):
+    from pathlib import Path
+
+    _check_model_folder(Path(store.client.get_model_version(NAME, "1").source))
+
+
+def test_write_model_dir_declares_the_signature_and_the_input_example(debug_model, tmp_path):
+    """The same checks on a folder written here: the registry fixture writes its folder once per
+    module, and the mutation tool credits that call to the first test that asked for the fixture
+    only, so without this test a mutant of write_model_dir would meet none of the checks."""
+    from compresszoo.registry_client import write_model_dir
+
+    write_model_dir(debug_model, tmp_path / "version", config={}, report={}, rd_point={})
+    _check_model_folder(tmp_path / "version")
 
 
 def test_the_champion_lookup_answers_none_or_the_version(store):

@@ -906,8 +906,12 @@ def test_a_registry_file_that_is_no_database_is_a_registry_error(tmp_path):
     broken = tmp_path / "mlflow.db"
     broken.write_bytes(b"this is not a sqlite database" * 100)
     uri = f"sqlite:///{broken}"
-    with pytest.raises(RegistryError, match=r"unreachable or failing \(\w+Error: .*check MLFLOW_TRACKING_URI"):
+    with pytest.raises(RegistryError) as err:
         champion_version("bmshj2018-hyperprior-mse-q1", tracking_uri=uri)
+    # what was being done, and where: the model's name and the store's URI
+    assert str(err.value).startswith(f"looking up the champion of bmshj2018-hyperprior-mse-q1: the MLflow "
+                                     f"registry at {uri} is unreachable or failing (")
+    assert re.search(r"unreachable or failing \(\w+Error: .*check MLFLOW_TRACKING_URI", str(err.value))
 
 
 # Another process rewriting the shared cache file while a model loads: an audit hook on

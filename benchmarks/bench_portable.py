@@ -1,13 +1,18 @@
 """The portable entropy-parameter path against the float path, measured in one run.
 
     python benchmarks/bench_portable.py [--repeats 3] [--threads 1] [--size 256] [--overhead-only]
-                                        [--archs mbt2018-mean ...]
+                                        [--archs mbt2018-mean ...] [--encode-pairs 12]
 
 For each architecture at two qualities (q1, and the first quality with M=320): payload bytes
 and bpp of both paths on real photographs, decoded PSNR, best-of-N encode and decode times
 (interleaved), and the ratios portable / float. Models are full-size with random weights
 spread as in tests/test_portable.py (no trained weights can be downloaded here), so the rate
 comparison is between two ways of computing the same entropy parameters.
+
+--encode-pairs N times only `compress` of one Kodak-size (768x512) photograph, the two paths
+alternating N times after two warm-up pairs, and prints the best and the median ratio: a
+single image at the size most codec papers report, where the hyper-synthesis' layers are large
+enough for its Winograd paths.
 
 Then the file overhead (bytes over the rANS payload) of a 768x512 photograph coded by each
 architecture at q1: .czoo format 1 (JSON header), format 2, and CompressAI's example codec
@@ -77,6 +82,32 @@ def photos(size: int) -> list[torch.Tensor]:
     return out
 
 
+def encode_pairs(archs: list[str], pairs: int) -> None:
+    from skimage import data, transform
+
+    img = transform.resize(data.astronaut(), (512, 768), anti_aliasing=True)
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+    print("| architecture | q | encode float, best (ms) | portable, best (ms) | ratio of bests | ratio of medians |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for arch in archs:
+        for q in (1, 5 if arch.startswith("mbt2018") else 6):
+            torch.manual_seed(q)
+            model = create_model(arch, q).eval()
+            spread(model)
+            model.update(force=True)
+            times = {False: [], True: []}
+            with torch.no_grad():
+                for i in range(pairs + 2):
+                    for portable in (False, True):
+                        t = time.perf_counter()
+                        model.compress(x, portable=portable)
+                        if i >= 2:  # two warm-up pairs
+                            times[portable].append(time.perf_counter() - t)
+            f, p = times[False], times[True]
+            print(f"| {arch} | {q} | {1000 * min(f):.0f} | {1000 * min(p):.0f} | {min(p) / min(f):.3f} | "
+                  f"{np.median(p) / np.median(f):.3f} |", flush=True)
+
+
 def best_of(fn, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -94,7 +125,13 @@ def main() -> None:
     ap.add_argument("--overhead-only", action="store_true")
     ap.add_argument("--archs", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES),
                     help="architectures to time (default: all four)")
+    ap.add_argument("--encode-pairs", type=int, default=0,
+                    help="only time compress() of one 768x512 photograph, float and portable alternating")
     args = ap.parse_args()
+    if args.encode_pairs:
+        torch.set_num_threads(args.threads)
+        encode_pairs(args.archs, args.encode_pairs)
+        return
     if args.overhead_only:
         overhead_table()
         return

@@ -41,6 +41,20 @@ from compresszoo.models.loss import psnr  # noqa: E402
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 
 
+def spread_model(arch: str, q: int):
+    """The full-size model of (arch, q), seeded by q, weights spread, tables built."""
+    torch.manual_seed(q)
+    model = create_model(arch, q).eval()
+    spread(model)
+    model.update(force=True)
+    return model
+
+
+def qualities(arch: str) -> tuple[int, int]:
+    """q1 and the first quality with M=320."""
+    return 1, 5 if arch.startswith("mbt2018") else 6
+
+
 def compressai_example_overhead(streams: int) -> int:
     return 2 + 2 * 4 + 2 * 4 + 4 + 4 * streams
 
@@ -57,10 +71,7 @@ def overhead_table() -> None:
           "| CompressAI example codec overhead |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for arch in ARCHITECTURES:
-        torch.manual_seed(1)
-        model = create_model(arch, 1).eval()
-        spread(model)
-        model.update(force=True)
+        model = spread_model(arch, 1)
         v2 = encode_image(model, x)
         v1 = encode_v1(model, x)
         payload = lambda b: sum(map(sum, read_header(b).stream_lengths))  # noqa: E731
@@ -90,11 +101,8 @@ def encode_pairs(archs: list[str], pairs: int) -> None:
     print("| architecture | q | encode float, best (ms) | portable, best (ms) | ratio of bests | ratio of medians |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for arch in archs:
-        for q in (1, 5 if arch.startswith("mbt2018") else 6):
-            torch.manual_seed(q)
-            model = create_model(arch, q).eval()
-            spread(model)
-            model.update(force=True)
+        for q in qualities(arch):
+            model = spread_model(arch, q)
             times = {False: [], True: []}
             with torch.no_grad():
                 for i in range(pairs + 2):
@@ -141,11 +149,8 @@ def main() -> None:
           "| encode float (s) | encode portable (s) | ratio | decode float (s) | decode portable (s) | ratio |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for arch in args.archs:
-        for q in (1, 5 if arch.startswith("mbt2018") else 6):
-            torch.manual_seed(q)
-            model = create_model(arch, q).eval()
-            spread(model)
-            model.update(force=True)
+        for q in qualities(arch):
+            model = spread_model(arch, q)
             model.portable_layers(model.portable_modules[0], torch.device("cpu")) if model.portable_modules else None
             stats = {p: {"bits": 0, "pixels": 0, "psnr": [], "enc": 0.0, "dec": 0.0} for p in (False, True)}
             for x in images:

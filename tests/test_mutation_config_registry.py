@@ -947,8 +947,8 @@ def test_load_registered_uses_the_given_registry_and_refuses_a_cache_file_change
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("COMPRESSZOO_CACHE", str(tmp_path / "cache"))
     model = load_registered(f"{NAME}@champion", store.uri)
-    want = debug_model.state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items() if k in want)
+    want, got = debug_model.state_dict(), model.state_dict()
+    assert set(want) == set(got) and all(torch.equal(got[k], want[k]) for k in want)  # saved bytes, loaded
     assert not (tmp_path / "mlflow.db").exists()
     cached = cache_path(NAME, "1")
     expected = sha256_file(cached)
